@@ -1,0 +1,12 @@
+//! Transcripts of the real `retort` binary: arguments, stdout, stderr and exit code, in
+//! `tests/cmd/*.trycmd` at the workspace root. Update them with `TRYCMD=overwrite cargo test -p retort-cli`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
+
+#[test]
+fn transcripts() {
+    trycmd::TestCases::new()
+        .env("NO_COLOR", "1")
+        .env("RETORT_LOG_FORMAT", "human")
+        .case("../../tests/cmd/*.trycmd");
+}
