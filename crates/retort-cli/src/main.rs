@@ -6,7 +6,6 @@
 mod cli;
 mod cmd;
 mod exit;
-mod fsutil;
 mod ui;
 
 use std::process::ExitCode;

@@ -7,8 +7,8 @@ use retort_recipe::{LoadError, ReadError, RenderStyle, Report, starter};
 
 use crate::cli::{RecipeCommand, ShowFormat};
 use crate::exit::{CliError, Exit};
-use crate::fsutil::write_atomic;
 use crate::ui::Ui;
+use retort_io::write_atomic;
 
 pub fn run(ui: &Ui, cmd: RecipeCommand) -> anyhow::Result<Exit> {
     match cmd {
