@@ -184,6 +184,8 @@ pub struct ModelConfig {
     pub rope_local_theta: Option<f64>,
     /// RoPE scaling (for full-attention layers).
     pub rope_scaling: RopeScaling,
+    /// RoPE scaling of sliding-window layers when they have their own RoPE (Gemma 3; usually none).
+    pub rope_local_scaling: RopeScaling,
     /// MLP activation.
     pub activation: Activation,
     /// The LM head shares the embedding matrix.
@@ -307,8 +309,11 @@ pub struct HfConfig {
     pub rope_theta: Option<f64>,
     /// Gemma 3: RoPE base of sliding layers.
     pub rope_local_base_freq: Option<f64>,
-    /// RoPE scaling object.
+    /// RoPE scaling object (transformers 4).
     pub rope_scaling: Option<Value>,
+    /// RoPE parameters (transformers 5): `rope_type`, `rope_theta` and the scaling fields in one object,
+    /// or one such object per layer type (`full_attention`, `sliding_attention`).
+    pub rope_parameters: Option<Value>,
     /// Phi-3/4: fraction of each head that is rotated.
     pub partial_rotary_factor: Option<f64>,
     /// Tied embeddings.
@@ -325,6 +330,9 @@ pub struct HfConfig {
     pub max_window_layers: Option<usize>,
     /// Gemma 3: every N-th layer is global.
     pub sliding_window_pattern: Option<usize>,
+    /// Gemma 3 as written by transformers 5.
+    #[serde(rename = "_sliding_window_pattern")]
+    pub sliding_window_pattern_private: Option<usize>,
     /// Newer configs: per-layer `sliding_attention` / `full_attention`.
     pub layer_types: Option<Vec<String>>,
     /// Gemma 2: attention soft-cap.
@@ -440,7 +448,13 @@ impl ModelConfig {
                 hidden_size / num_heads
             }
         };
-        let partial = raw.partial_rotary_factor.unwrap_or(1.0);
+        let rope = RopeSource::of(raw, path)?;
+        let partial = rope
+            .full
+            .and_then(|o| o.get("partial_rotary_factor"))
+            .and_then(Value::as_f64)
+            .or(raw.partial_rotary_factor)
+            .unwrap_or(1.0);
         if !positive(partial) || partial > 1.0 {
             return Err(field("partial_rotary_factor", format!("is {partial}; it must be in (0, 1]")));
         }
@@ -462,10 +476,13 @@ impl ModelConfig {
         if !positive(rms_norm_eps) {
             return Err(field("rms_norm_eps", format!("is {rms_norm_eps}; it must be > 0")));
         }
-        let rope_theta = raw.rope_theta.unwrap_or(match arch {
-            Arch::Gemma3 => 1_000_000.0,
-            _ => 10_000.0,
-        });
+        let rope_theta =
+            rope.full.and_then(|o| o.get("rope_theta")).and_then(Value::as_f64).or(raw.rope_theta).unwrap_or(
+                match arch {
+                    Arch::Gemma3 => 1_000_000.0,
+                    _ => 10_000.0,
+                },
+            );
         if !positive(rope_theta) {
             return Err(field("rope_theta", format!("is {rope_theta}; it must be > 0")));
         }
@@ -488,7 +505,16 @@ impl ModelConfig {
             }
         };
 
-        let rope_scaling = parse_rope_scaling(raw, arch, max_position_embeddings, rotary_dim, path)?;
+        let rope_scaling = match rope.full {
+            Some(o) => parse_rope_scaling(o, raw, max_position_embeddings, rotary_dim, path)?,
+            None => RopeScaling::None,
+        };
+        let rope_local_scaling = match rope.local {
+            Some(o) => parse_rope_scaling(o, raw, max_position_embeddings, rotary_dim, path)?,
+            None => RopeScaling::None,
+        };
+        let rope_local_theta =
+            rope.local.and_then(|o| o.get("rope_theta")).and_then(Value::as_f64).or(raw.rope_local_base_freq);
 
         let gemma = matches!(arch, Arch::Gemma2 | Arch::Gemma3);
         let attention_bias = raw.attention_bias.unwrap_or(false);
@@ -521,11 +547,12 @@ impl ModelConfig {
             rms_norm_eps,
             rope_theta,
             rope_local_theta: if arch == Arch::Gemma3 {
-                Some(raw.rope_local_base_freq.unwrap_or(10_000.0))
+                Some(rope_local_theta.unwrap_or(10_000.0))
             } else {
-                None
+                rope_local_theta
             },
             rope_scaling,
+            rope_local_scaling,
             activation,
             tie_word_embeddings,
             qkv_bias,
@@ -617,7 +644,8 @@ fn layer_attention(
             Arch::Gemma2 => sliding(window.is_some() && (i + 1) % 2 != 0),
             // Gemma 3: every `sliding_window_pattern`-th layer is global.
             Arch::Gemma3 => {
-                let pattern = raw.sliding_window_pattern.unwrap_or(6).max(1);
+                let pattern =
+                    raw.sliding_window_pattern.or(raw.sliding_window_pattern_private).unwrap_or(6).max(1);
                 sliding(window.is_some() && (i + 1) % pattern != 0)
             }
             // Qwen2: only with use_sliding_window, and only from max_window_layers on.
@@ -632,28 +660,57 @@ fn layer_attention(
         .collect()
 }
 
+/// Where a config keeps its RoPE settings: transformers 5's `rope_parameters` (flat, or per layer type)
+/// or transformers 4's `rope_scaling` (with `rope_theta` beside it).
+struct RopeSource<'a> {
+    /// Settings of full-attention layers (or of all layers).
+    full: Option<&'a serde_json::Map<String, Value>>,
+    /// Settings of sliding-window layers, when given separately.
+    local: Option<&'a serde_json::Map<String, Value>>,
+}
+
+type JsonObject = serde_json::Map<String, Value>;
+
+impl<'a> RopeSource<'a> {
+    fn of(raw: &'a HfConfig, path: &Path) -> Result<RopeSource<'a>, ConfigError> {
+        let obj = |v: &'a Value, field: &'static str| -> Result<Option<&'a JsonObject>, ConfigError> {
+            match v {
+                Value::Null => Ok(None),
+                Value::Object(o) => Ok(Some(o)),
+                other => Err(ConfigError::Field {
+                    path: path.to_path_buf(),
+                    field,
+                    problem: format!("is {other}; expected an object or null"),
+                }),
+            }
+        };
+        if let Some(v) = &raw.rope_parameters {
+            let Some(o) = obj(v, "rope_parameters")? else {
+                return Ok(RopeSource { full: None, local: None });
+            };
+            if o.contains_key("full_attention") || o.contains_key("sliding_attention") {
+                let full = o.get("full_attention").map(|v| obj(v, "rope_parameters")).transpose()?.flatten();
+                let local =
+                    o.get("sliding_attention").map(|v| obj(v, "rope_parameters")).transpose()?.flatten();
+                return Ok(RopeSource { full, local });
+            }
+            return Ok(RopeSource { full: Some(o), local: None });
+        }
+        let full = raw.rope_scaling.as_ref().map(|v| obj(v, "rope_scaling")).transpose()?.flatten();
+        Ok(RopeSource { full, local: None })
+    }
+}
+
 fn parse_rope_scaling(
+    o: &JsonObject,
     raw: &HfConfig,
-    arch: Arch,
     max_pos: usize,
     rotary_dim: usize,
     path: &Path,
 ) -> Result<RopeScaling, ConfigError> {
-    let err =
-        |problem: String| ConfigError::Field { path: path.to_path_buf(), field: "rope_scaling", problem };
-    let Some(v) = &raw.rope_scaling else { return Ok(RopeScaling::None) };
-    let Value::Object(o) = v else {
-        return if v.is_null() {
-            Ok(RopeScaling::None)
-        } else {
-            Err(err(format!("is {v}; expected an object or null")))
-        };
-    };
-    let kind = o
-        .get("rope_type")
-        .or_else(|| o.get("type"))
-        .and_then(Value::as_str)
-        .ok_or_else(|| err("has no `rope_type` (or `type`)".into()))?;
+    let field = if raw.rope_parameters.is_some() { "rope_parameters" } else { "rope_scaling" };
+    let err = |problem: String| ConfigError::Field { path: path.to_path_buf(), field, problem };
+    let kind = o.get("rope_type").or_else(|| o.get("type")).and_then(Value::as_str).unwrap_or("default");
     let num = |k: &str| o.get(k).and_then(Value::as_f64);
     let factor = || -> Result<f64, ConfigError> {
         match num("factor") {
@@ -678,7 +735,10 @@ fn parse_rope_scaling(
             original_max_position_embeddings: original.unwrap_or(8192),
         }),
         "yarn" => Ok(RopeScaling::Yarn {
-            factor: factor()?,
+            factor: match num("factor") {
+                Some(_) => factor()?,
+                None => max_pos as f64 / original.unwrap_or(max_pos) as f64,
+            },
             original_max_position_embeddings: original.unwrap_or(max_pos),
             beta_fast: num("beta_fast").unwrap_or(32.0),
             beta_slow: num("beta_slow").unwrap_or(1.0),
@@ -702,7 +762,6 @@ fn parse_rope_scaling(
             };
             let original =
                 original.ok_or_else(|| err("`longrope` needs `original_max_position_embeddings`".into()))?;
-            let _ = arch;
             Ok(RopeScaling::LongRope {
                 short_factor: list("short_factor")?,
                 long_factor: list("long_factor")?,
