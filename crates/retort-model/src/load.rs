@@ -1,0 +1,166 @@
+//! Building a [`Transformer`] from a Hugging Face directory: every tensor is read from the memory-mapped
+//! safetensors file and created on the target device in the target dtype, one at a time (no full f32
+//! copy of the model in RAM). The load is checked against the family's tensor table first; missing or
+//! misshapen tensors are an error that names them.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::module::Param;
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use retort_hf::{Checkpoint, Dtype, LoadReport, ModelConfig, Role, TensorSpec};
+
+use crate::attention::{Attention, Qkv, SeparateQkv};
+use crate::dtype::Precision;
+use crate::error::ModelError;
+use crate::linear::Linear;
+use crate::mlp::{GateUp, Mlp, SeparateGateUp};
+use crate::model::{Layer, Transformer, layer_window};
+use crate::norm::RmsNorm;
+
+struct Reader<'a> {
+    ckpt: &'a Checkpoint,
+    by_role: HashMap<(Option<usize>, Role), &'a TensorSpec>,
+    device: &'a Device,
+    dtype: DType,
+}
+
+impl Reader<'_> {
+    fn tensor<const D: usize>(&self, layer: Option<usize>, role: Role) -> Result<Tensor<D>, ModelError> {
+        let spec = self.by_role.get(&(layer, role)).ok_or_else(|| {
+            ModelError::Input(format!("the model has no {role:?} tensor for layer {layer:?}"))
+        })?;
+        let view = self
+            .ckpt
+            .get(&spec.name)
+            .ok_or_else(|| ModelError::Input(format!("tensor `{}` is missing", spec.name)))?;
+        let src = match view.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            Dtype::Other(d) => {
+                return Err(retort_hf::WeightsError::UnsupportedDtype {
+                    path: view.path.to_path_buf(),
+                    tensor: spec.name.clone(),
+                    dtype: d.clone(),
+                }
+                .into());
+            }
+        };
+        let data = TensorData::from_bytes_vec(view.data.to_vec(), view.shape.to_vec(), src);
+        let t = Tensor::<D>::from_data(data, (self.device, src));
+        Ok(if src == self.dtype { t } else { t.cast(self.dtype) })
+    }
+
+    fn has(&self, layer: Option<usize>, role: Role) -> bool {
+        self.by_role.contains_key(&(layer, role))
+    }
+
+    fn linear(&self, layer: usize, weight: Role, bias: Role) -> Result<Linear, ModelError> {
+        let b = if self.has(Some(layer), bias) { Some(self.tensor::<1>(Some(layer), bias)?) } else { None };
+        Ok(Linear::new(self.tensor::<2>(Some(layer), weight)?, b))
+    }
+
+    fn norm(&self, layer: Option<usize>, role: Role, cfg: &ModelConfig) -> Result<RmsNorm, ModelError> {
+        let w = self.tensor::<1>(layer, role)?;
+        Ok(RmsNorm {
+            weight: Param::from_tensor(w).set_require_grad(false),
+            eps: cfg.rms_norm_eps,
+            plus_one: cfg.norm_plus_one,
+        })
+    }
+}
+
+impl Transformer {
+    /// Loads `dir` (config.json + safetensors) onto `device` in `precision`.
+    pub fn load(
+        dir: &Path,
+        precision: Precision,
+        device: &Device,
+    ) -> Result<(Transformer, LoadReport), ModelError> {
+        let config = ModelConfig::load(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let specs = retort_hf::names::tensors(&config);
+        let report = LoadReport::check(&specs, &ckpt);
+        if !report.is_complete() {
+            return Err(ModelError::Incomplete { dir: dir.to_path_buf(), report });
+        }
+        let model = Transformer::from_checkpoint(&config, &ckpt, &specs, precision, device)?;
+        Ok((model, report))
+    }
+
+    /// Builds the model from an opened checkpoint that passed [`LoadReport::check`].
+    pub fn from_checkpoint(
+        config: &ModelConfig,
+        ckpt: &Checkpoint,
+        specs: &[TensorSpec],
+        precision: Precision,
+        device: &Device,
+    ) -> Result<Transformer, ModelError> {
+        let by_role = specs.iter().map(|s| ((s.layer, s.role), s)).collect();
+        let r = Reader { ckpt, by_role, device, dtype: precision.dtype() };
+        let c = config;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let l = Some(i);
+            let qkv = if c.fused_projections {
+                Qkv::Fused(r.linear(i, Role::Qkv, Role::QBias)?)
+            } else {
+                Qkv::Separate(SeparateQkv {
+                    q: r.linear(i, Role::Q, Role::QBias)?,
+                    k: r.linear(i, Role::K, Role::KBias)?,
+                    v: r.linear(i, Role::V, Role::VBias)?,
+                })
+            };
+            let (q_norm, k_norm) = if c.qk_norm {
+                (Some(r.norm(l, Role::QNorm, c)?), Some(r.norm(l, Role::KNorm, c)?))
+            } else {
+                (None, None)
+            };
+            let attn = Attention {
+                qkv,
+                o: r.linear(i, Role::O, Role::OBias)?,
+                q_norm,
+                k_norm,
+                num_heads: c.num_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+                scale: c.attn_scale,
+                softcap: c.attn_logit_softcap,
+            };
+            let gate_up = if c.fused_projections {
+                GateUp::Fused(r.linear(i, Role::GateUp, Role::UpBias)?)
+            } else {
+                GateUp::Separate(SeparateGateUp {
+                    gate: r.linear(i, Role::Gate, Role::GateBias)?,
+                    up: r.linear(i, Role::Up, Role::UpBias)?,
+                })
+            };
+            let mlp =
+                Mlp { gate_up, down: r.linear(i, Role::Down, Role::DownBias)?, activation: c.activation };
+            let window = layer_window(&c.layers[i]);
+            layers.push(Layer {
+                attn_norm: r.norm(l, Role::AttnNorm, c)?,
+                attn,
+                post_attn_norm: if c.sandwich_norms { Some(r.norm(l, Role::PostAttnNorm, c)?) } else { None },
+                ffn_norm: r.norm(l, Role::FfnNorm, c)?,
+                mlp,
+                post_ffn_norm: if c.sandwich_norms { Some(r.norm(l, Role::PostFfnNorm, c)?) } else { None },
+                window,
+                local_rope: window.is_some() && c.rope_local_theta.is_some(),
+            });
+        }
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::new(r.tensor::<2>(None, Role::LmHead)?, None))
+        };
+        Ok(Transformer {
+            embed: Param::from_tensor(r.tensor::<2>(None, Role::Embed)?).set_require_grad(false),
+            layers,
+            norm: r.norm(None, Role::FinalNorm, c)?,
+            lm_head,
+            config: c.clone(),
+        })
+    }
+}

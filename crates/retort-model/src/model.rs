@@ -1,0 +1,250 @@
+//! The decoder: embedding, layers, final norm, LM head. One implementation for every family; each
+//! family's differences come from its [`ModelConfig`] (see `retort_hf::config`).
+//!
+//! Mirrors transformers' `modeling_llama.py`, `modeling_mistral.py`, `modeling_qwen2.py`,
+//! `modeling_qwen3.py`, `modeling_phi3.py`, `modeling_gemma2.py` and `modeling_gemma3.py` (v5.23).
+
+use std::collections::HashMap;
+
+use burn::module::{Module, Param};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use retort_hf::{LayerAttention, ModelConfig};
+
+use crate::attention::{Attention, LayerCache};
+use crate::batch::Batch;
+use crate::linear::Linear;
+use crate::mask::MaskSpec;
+use crate::mlp::Mlp;
+use crate::norm::RmsNorm;
+use crate::rope::Rope;
+
+/// One decoder layer.
+#[derive(Module, Debug)]
+pub struct Layer {
+    /// Norm before attention.
+    pub attn_norm: RmsNorm,
+    /// Attention.
+    pub attn: Attention,
+    /// Norm after attention (Gemma 2/3).
+    pub post_attn_norm: Option<RmsNorm>,
+    /// Norm before the MLP.
+    pub ffn_norm: RmsNorm,
+    /// MLP.
+    pub mlp: Mlp,
+    /// Norm after the MLP (Gemma 2/3).
+    pub post_ffn_norm: Option<RmsNorm>,
+    /// Sliding window of this layer, if any.
+    pub window: Option<usize>,
+    /// Uses the local (sliding-layer) RoPE (Gemma 3).
+    pub local_rope: bool,
+}
+
+impl Layer {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        mask: &Tensor<5>,
+        cache: Option<&mut Option<LayerCache>>,
+    ) -> Tensor<3> {
+        let mut h = self.attn.forward(self.attn_norm.forward(x.clone()), cos, sin, mask, cache);
+        if let Some(n) = &self.post_attn_norm {
+            h = n.forward(h);
+        }
+        let x = x + h;
+        let mut h = self.mlp.forward(self.ffn_norm.forward(x.clone()));
+        if let Some(n) = &self.post_ffn_norm {
+            h = n.forward(h);
+        }
+        x + h
+    }
+}
+
+/// Keys and values of every layer for the positions generated so far, plus which of them are padding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    pub(crate) layers: Vec<Option<LayerCache>>,
+    /// Rows.
+    pub(crate) rows: usize,
+    /// Positions cached per row.
+    pub(crate) len: usize,
+    /// `[rows * len]`: false for padding.
+    pub(crate) valid: Vec<bool>,
+    /// `[rows * len]`: packed-example ids.
+    pub(crate) segments: Vec<u32>,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> KvCache {
+        KvCache::default()
+    }
+
+    /// Positions cached per row.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True before the first forward pass.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A causal language model.
+#[derive(Module, Debug)]
+pub struct Transformer {
+    /// Token embedding, `[vocab, hidden]`.
+    pub embed: Param<Tensor<2>>,
+    /// Decoder layers.
+    pub layers: Vec<Layer>,
+    /// Final norm.
+    pub norm: RmsNorm,
+    /// Output projection; `None` when tied to the embedding.
+    pub lm_head: Option<Linear>,
+    /// The validated config.
+    #[module(skip)]
+    pub config: ModelConfig,
+}
+
+impl Transformer {
+    /// Global (full-attention) RoPE.
+    pub fn rope(&self) -> Rope {
+        let c = &self.config;
+        Rope {
+            theta: c.rope_theta,
+            scaling: c.rope_scaling.clone(),
+            rotary_dim: c.rotary_dim,
+            max_position_embeddings: c.max_position_embeddings,
+        }
+    }
+
+    /// RoPE of sliding-window layers, when it differs (Gemma 3).
+    pub fn local_rope(&self) -> Option<Rope> {
+        let c = &self.config;
+        c.rope_local_theta.map(|theta| Rope {
+            theta,
+            scaling: c.rope_local_scaling.clone(),
+            rotary_dim: c.rotary_dim,
+            max_position_embeddings: c.max_position_embeddings,
+        })
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> Device {
+        self.embed.val().device()
+    }
+
+    /// The dtype of the activations (that of the weights).
+    pub fn dtype(&self) -> DType {
+        self.embed.val().dtype()
+    }
+
+    /// Hidden states after the final norm, `[rows, len, hidden]`.
+    pub fn hidden(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+        let device = self.device();
+        let dtype = self.dtype();
+        let (rows, len) = (batch.rows, batch.len);
+        let ids: Vec<i64> = batch.ids.iter().map(|&i| i64::from(i)).collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, len]), &device);
+        let mut x = burn::tensor::module::embedding(self.embed.val(), ids);
+        if self.config.scale_embeddings {
+            // transformers multiplies by sqrt(hidden) cast to the weights' dtype.
+            let s = (self.config.hidden_size as f64).sqrt();
+            let s = match dtype {
+                DType::BF16 => half::bf16::from_f64(s).to_f64(),
+                DType::F16 => half::f16::from_f64(s).to_f64(),
+                _ => s,
+            };
+            x = x.mul_scalar(s);
+        }
+
+        // Keys visible to this pass: the cached ones, then this pass's.
+        let (past, mut valid, mut segments) = match cache.as_deref() {
+            Some(c) if c.len > 0 => (c.len, c.valid.clone(), c.segments.clone()),
+            _ => (0, Vec::new(), Vec::new()),
+        };
+        let k_len = past + len;
+        let mut key_valid = Vec::with_capacity(rows * k_len);
+        let mut key_segments = Vec::with_capacity(rows * k_len);
+        for r in 0..rows {
+            if past > 0 {
+                key_valid.extend_from_slice(&valid[r * past..(r + 1) * past]);
+                key_segments.extend_from_slice(&segments[r * past..(r + 1) * past]);
+            }
+            key_valid.extend_from_slice(&batch.valid[r * len..(r + 1) * len]);
+            key_segments.extend_from_slice(&batch.segments[r * len..(r + 1) * len]);
+        }
+        let spec = MaskSpec { batch: rows, q_len: len, k_len, key_valid, segments: key_segments };
+        let mut masks: HashMap<Option<usize>, Tensor<5>> = HashMap::new();
+        let (cos, sin) = self.rope().cos_sin(&batch.positions, rows, len, &device, dtype);
+        let local = self.local_rope().map(|r| r.cos_sin(&batch.positions, rows, len, &device, dtype));
+
+        if let Some(c) = cache.as_deref_mut()
+            && c.layers.len() != self.layers.len()
+        {
+            c.layers = vec![None; self.layers.len()];
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mask = masks.entry(layer.window).or_insert_with(|| spec.build(layer.window, &device)).clone();
+            let (c, s) = match (&local, layer.local_rope) {
+                (Some((lc, ls)), true) => (lc, ls),
+                _ => (&cos, &sin),
+            };
+            let slot = cache.as_deref_mut().map(|kv| &mut kv.layers[i]);
+            x = layer.forward(x, c, s, &mask, slot);
+        }
+        if let Some(c) = cache {
+            // Append this pass's rows to the cached padding and segment records.
+            let mut nv = Vec::with_capacity(rows * k_len);
+            let mut ns = Vec::with_capacity(rows * k_len);
+            for r in 0..rows {
+                if past > 0 {
+                    nv.extend_from_slice(&valid[r * past..(r + 1) * past]);
+                    ns.extend_from_slice(&segments[r * past..(r + 1) * past]);
+                }
+                nv.extend_from_slice(&batch.valid[r * len..(r + 1) * len]);
+                ns.extend_from_slice(&batch.segments[r * len..(r + 1) * len]);
+            }
+            valid = nv;
+            segments = ns;
+            c.rows = rows;
+            c.len = k_len;
+            c.valid = valid;
+            c.segments = segments;
+        }
+        self.norm.forward(x)
+    }
+
+    /// Logits of the vocabulary for hidden states `[rows, len, hidden]`, soft-capped when the family
+    /// does that.
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [b, s, h] = hidden.dims();
+                let w = self.embed.val();
+                let v = w.dims()[0];
+                hidden.reshape([b * s, h]).matmul(w.transpose()).reshape([b, s, v])
+            }
+        };
+        match self.config.final_logit_softcap {
+            Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),
+            None => logits,
+        }
+    }
+
+    /// Logits for every position of the batch, `[rows, len, vocab]`.
+    pub fn forward(&self, batch: &Batch, cache: Option<&mut KvCache>) -> Tensor<3> {
+        self.logits(self.hidden(batch, cache))
+    }
+}
+
+/// The attention span of each layer, as layer fields.
+pub(crate) fn layer_window(l: &LayerAttention) -> Option<usize> {
+    match l {
+        LayerAttention::Full => None,
+        LayerAttention::Sliding { window } => Some(*window),
+    }
+}
