@@ -14,6 +14,7 @@ tokens (with std 0.02 every model predicts a near-uniform distribution and a par
 Everything is seeded: rerunning gives byte-identical files.
 """
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -117,11 +118,12 @@ def make(name: str, cfg_cls: str, model_cls: str, extra: dict, seed: int) -> dic
         expected["packed_position_ids"] = pos.numpy().astype(np.int64)
         expected["logits_packed"] = model(input_ids=packed, position_ids=pos,
                                           use_cache=False).logits[0].float().numpy()
-        # bf16: the same weights rounded to bf16, computed in bf16.
-        bf = model.to(torch.bfloat16)
+        # bf16: the same weights rounded to bf16, computed in bf16. On a copy: `.to()` converts in
+        # place, and the greedy runs below need the f32 weights that were saved.
+        bf = copy.deepcopy(model).to(torch.bfloat16)
         for i, ids in enumerate(IDS):
             expected[f"logits_bf16_{i}"] = bf(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-        model.to(torch.float32)
+        del bf
         greedy = {}
         for i, ids in enumerate(IDS):
             g = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,

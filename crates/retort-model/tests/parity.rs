@@ -144,3 +144,51 @@ fn bf16_logits_match_transformers_bf16() {
         }
     }
 }
+
+fn greedy(name: &str, i: usize) -> Vec<u32> {
+    index()["models"][name]["greedy"][i.to_string()]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn greedy_continuations_match_transformers_alone_and_batched() {
+    use retort_model::{GenerateOptions, Sampling, generate};
+    let device = Device::flex();
+    let seqs = ids();
+    let n = index()["models"]["llama"]["new_tokens"].as_u64().unwrap() as usize;
+    let opts = GenerateOptions { max_new_tokens: n, sampling: Sampling::greedy(), eos: vec![], pad: 0 };
+    for name in families() {
+        let (model, _) = Transformer::load(&fixtures().join(&name), Precision::F32, &device).unwrap();
+        for (i, s) in seqs.iter().enumerate() {
+            let alone = generate(&model, std::slice::from_ref(s), &opts, |_, _| {}).unwrap();
+            assert_eq!(alone.tokens[0], greedy(&name, i), "{name} sequence {i} alone");
+        }
+        let mut streamed = vec![Vec::new(); seqs.len()];
+        let batched = generate(&model, &seqs, &opts, |r, t| streamed[r].push(t)).unwrap();
+        for i in 0..seqs.len() {
+            assert_eq!(batched.tokens[i], greedy(&name, i), "{name} sequence {i} in a left-padded batch");
+        }
+        assert_eq!(streamed, batched.tokens, "the callback sees every token in order");
+    }
+}
+
+#[test]
+fn generation_stops_at_any_eos_id() {
+    use retort_model::{GenerateOptions, Sampling, generate};
+    let (model, _) = Transformer::load(&fixtures().join("llama"), Precision::F32, &Device::flex()).unwrap();
+    let expect = greedy("llama", 0);
+    // Stop on the third greedy token (an id that does not appear earlier).
+    let stop = *expect.iter().find(|t| expect.iter().position(|x| x == *t).unwrap() >= 2).unwrap();
+    let cut = expect.iter().position(|t| *t == stop).unwrap();
+    let opts =
+        GenerateOptions { max_new_tokens: 12, sampling: Sampling::greedy(), eos: vec![9999, stop], pad: 0 };
+    let g = generate(&model, &ids()[..1], &opts, |_, _| {}).unwrap();
+    assert_eq!(g.tokens[0], expect[..=cut]);
+    assert_eq!(g.stopped, [true]);
+    let bad = generate(&model, &[vec![1, 5000]], &opts, |_, _| {}).unwrap_err().to_string();
+    assert!(bad.contains("5000") && bad.contains("vocabulary of 256"), "{bad}");
+}
