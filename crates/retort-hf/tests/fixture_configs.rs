@@ -18,7 +18,9 @@ fn transformers5_configs_parse_with_their_quirks() {
     let llama = load("llama");
     assert_eq!(llama.arch, Arch::Llama);
     assert_eq!(llama.rope_theta, 10_000.0);
-    assert!(matches!(llama.rope_scaling, RopeScaling::Llama3 { factor, original_max_position_embeddings: 32, .. } if factor == 8.0));
+    assert!(
+        matches!(llama.rope_scaling, RopeScaling::Llama3 { factor, original_max_position_embeddings: 32, .. } if factor == 8.0)
+    );
     assert!(!llama.tie_word_embeddings);
 
     let tied = load("llama-tied");
@@ -31,7 +33,9 @@ fn transformers5_configs_parse_with_their_quirks() {
     let qwen2 = load("qwen2");
     assert!(qwen2.qkv_bias && !qwen2.o_bias && qwen2.tie_word_embeddings);
     assert_eq!(qwen2.rope_theta, 1_000_000.0);
-    assert!(matches!(qwen2.rope_scaling, RopeScaling::Yarn { factor, original_max_position_embeddings: 64, .. } if factor == 4.0));
+    assert!(
+        matches!(qwen2.rope_scaling, RopeScaling::Yarn { factor, original_max_position_embeddings: 64, .. } if factor == 4.0)
+    );
     assert!(qwen2.layers.iter().all(|l| *l == LayerAttention::Full));
 
     let qwen3 = load("qwen3");
@@ -41,7 +45,9 @@ fn transformers5_configs_parse_with_their_quirks() {
     let phi3 = load("phi3");
     assert!(phi3.fused_projections);
     assert_eq!((phi3.head_dim, phi3.rotary_dim), (16, 8));
-    assert!(matches!(&phi3.rope_scaling, RopeScaling::LongRope { short_factor, original_max_position_embeddings: 64, .. } if short_factor == &[1.0, 1.2, 2.0, 4.0]));
+    assert!(
+        matches!(&phi3.rope_scaling, RopeScaling::LongRope { short_factor, original_max_position_embeddings: 64, .. } if short_factor == &[1.0, 1.2, 2.0, 4.0])
+    );
     assert!(phi3.layers.iter().all(|l| *l == LayerAttention::Sliding { window: 7 }));
 
     let gemma2 = load("gemma2");

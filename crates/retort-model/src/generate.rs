@@ -216,13 +216,13 @@ mod tests {
         let s = Sampling { temperature: 1.0, top_k: Some(1), top_p: None, repetition_penalty: None, seed: 3 };
         let mut rng = StdRng::seed_from_u64(3);
         for _ in 0..20 {
-            assert_eq!(choose(&mut vec![0.0, 5.0, 4.9], &[], &s, &mut rng), 1);
+            assert_eq!(choose(&mut [0.0, 5.0, 4.9], &[], &s, &mut rng), 1);
         }
         let s =
             Sampling { temperature: 1.0, top_k: None, top_p: Some(0.9), repetition_penalty: None, seed: 3 };
         let draw = |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
-            (0..50).map(|_| choose(&mut vec![1.0, 1.0, 1.0, -20.0], &[], &s, &mut rng)).collect::<Vec<_>>()
+            (0..50).map(|_| choose(&mut [1.0, 1.0, 1.0, -20.0], &[], &s, &mut rng)).collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
