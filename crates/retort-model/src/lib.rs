@@ -10,12 +10,14 @@
 
 pub mod attention;
 pub mod batch;
+pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod generate;
 pub mod linear;
 mod load;
 pub mod mask;
+pub mod memory;
 pub mod mlp;
 pub mod model;
 pub mod norm;
