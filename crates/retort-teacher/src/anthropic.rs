@@ -47,8 +47,11 @@ pub fn body(req: &ChatRequest) -> Value {
 
 /// Reads a Messages response body (also a batch result's `message`).
 pub fn parse_value(v: &Value) -> Result<Completion, Failure> {
-    let blocks = v["content"].as_array().ok_or_else(|| retry(RetryCause::BadResponse, "the response has no `content`"))?;
-    let content: String = blocks.iter().filter(|b| b["type"] == "text").filter_map(|b| b["text"].as_str()).collect();
+    let blocks = v["content"]
+        .as_array()
+        .ok_or_else(|| retry(RetryCause::BadResponse, "the response has no `content`"))?;
+    let content: String =
+        blocks.iter().filter(|b| b["type"] == "text").filter_map(|b| b["text"].as_str()).collect();
     let stop = v["stop_reason"].as_str().unwrap_or("end_turn");
     let finish = Finish::from_anthropic(stop);
     if content.is_empty() && finish == Finish::Stop {
@@ -56,7 +59,8 @@ pub fn parse_value(v: &Value) -> Result<Completion, Failure> {
     }
     let u = &v["usage"];
     let usage = Usage {
-        input_tokens: u["input_tokens"].as_u64().unwrap_or(0) + u["cache_creation_input_tokens"].as_u64().unwrap_or(0),
+        input_tokens: u["input_tokens"].as_u64().unwrap_or(0)
+            + u["cache_creation_input_tokens"].as_u64().unwrap_or(0),
         output_tokens: u["output_tokens"].as_u64().unwrap_or(0),
         cached_input_tokens: u["cache_read_input_tokens"].as_u64().unwrap_or(0),
     };

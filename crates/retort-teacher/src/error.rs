@@ -122,7 +122,9 @@ impl TeacherError {
     pub fn is_resumable(&self) -> bool {
         matches!(
             self,
-            TeacherError::Budget { .. } | TeacherError::Stalled { .. } | TeacherError::RetriesExhausted { .. }
+            TeacherError::Budget { .. }
+                | TeacherError::Stalled { .. }
+                | TeacherError::RetriesExhausted { .. }
         )
     }
 }

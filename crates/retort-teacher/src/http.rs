@@ -146,8 +146,12 @@ pub(crate) fn status_failure(
         };
     }
     let key_hint = match key_env {
-        Some(env) => format!("check the key in `{env}` (the variable named by `teacher.api_key_env`) and that it may use `{model}`"),
-        None => "this server wants a key: set `teacher.api_key_env` to the name of a variable holding it".into(),
+        Some(env) => format!(
+            "check the key in `{env}` (the variable named by `teacher.api_key_env`) and that it may use `{model}`"
+        ),
+        None => {
+            "this server wants a key: set `teacher.api_key_env` to the name of a variable holding it".into()
+        }
     };
     match status {
         401 => Failure::Fatal { message: format!("{provider} rejected the API key (HTTP 401{said})"), hint: key_hint },
@@ -195,18 +199,27 @@ mod tests {
         let h = RateHeaders::default;
         let f = |s: u16, body: &str| status_failure(s, h(), body.as_bytes(), "OpenAI", "m", Some("K"));
         assert!(matches!(f(401, "{}"), Failure::Fatal { .. }));
-        assert!(matches!(f(429, r#"{"error":{"message":"slow down","code":"rate_limit_exceeded"}}"#), Failure::Retry { cause: RetryCause::RateLimit, .. }));
-        match f(429, r#"{"error":{"message":"You exceeded your current quota","code":"insufficient_quota"}}"#) {
+        assert!(matches!(
+            f(429, r#"{"error":{"message":"slow down","code":"rate_limit_exceeded"}}"#),
+            Failure::Retry { cause: RetryCause::RateLimit, .. }
+        ));
+        match f(429, r#"{"error":{"message":"You exceeded your current quota","code":"insufficient_quota"}}"#)
+        {
             Failure::Fatal { message, .. } => assert!(message.contains("quota"), "{message}"),
             other => panic!("{other:?}"),
         }
         assert!(matches!(f(529, ""), Failure::Retry { cause: RetryCause::Overloaded, .. }));
         assert!(matches!(f(500, "oops"), Failure::Retry { cause: RetryCause::ServerError, .. }));
         match f(400, r#"{"error":{"message":"The model `x` does not exist","code":"model_not_found"}}"#) {
-            Failure::Fatal { message, .. } => assert!(message.contains("does not know the model"), "{message}"),
+            Failure::Fatal { message, .. } => {
+                assert!(message.contains("does not know the model"), "{message}")
+            }
             other => panic!("{other:?}"),
         }
-        match f(400, r#"{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low"}}"#) {
+        match f(
+            400,
+            r#"{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low"}}"#,
+        ) {
             Failure::Fatal { hint, .. } => assert!(hint.contains("credit"), "{hint}"),
             other => panic!("{other:?}"),
         }

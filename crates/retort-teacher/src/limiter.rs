@@ -51,15 +51,27 @@ impl RateHeaders {
                     .map(|s| Duration::from_secs_f64(s.min(3600.0)))
             });
         RateHeaders {
-            limit_requests: first(num("x-ratelimit-limit-requests"), num("anthropic-ratelimit-requests-limit")),
+            limit_requests: first(
+                num("x-ratelimit-limit-requests"),
+                num("anthropic-ratelimit-requests-limit"),
+            ),
             remaining_requests: first(
                 num("x-ratelimit-remaining-requests"),
                 num("anthropic-ratelimit-requests-remaining"),
             ),
-            reset_requests: first_d(reset("x-ratelimit-reset-requests"), reset("anthropic-ratelimit-requests-reset")),
+            reset_requests: first_d(
+                reset("x-ratelimit-reset-requests"),
+                reset("anthropic-ratelimit-requests-reset"),
+            ),
             limit_tokens: first(num("x-ratelimit-limit-tokens"), num("anthropic-ratelimit-tokens-limit")),
-            remaining_tokens: first(num("x-ratelimit-remaining-tokens"), num("anthropic-ratelimit-tokens-remaining")),
-            reset_tokens: first_d(reset("x-ratelimit-reset-tokens"), reset("anthropic-ratelimit-tokens-reset")),
+            remaining_tokens: first(
+                num("x-ratelimit-remaining-tokens"),
+                num("anthropic-ratelimit-tokens-remaining"),
+            ),
+            reset_tokens: first_d(
+                reset("x-ratelimit-reset-tokens"),
+                reset("anthropic-ratelimit-tokens-reset"),
+            ),
             retry_after,
         }
     }

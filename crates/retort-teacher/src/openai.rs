@@ -46,7 +46,8 @@ pub fn body(req: &ChatRequest, official: bool) -> Value {
 pub fn parse(body: &[u8]) -> Result<Completion, Failure> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| retry(RetryCause::BadResponse, format!("the response is not JSON ({e})")))?;
-    let choice = v["choices"].get(0).ok_or_else(|| retry(RetryCause::BadResponse, "the response has no `choices`"))?;
+    let choice =
+        v["choices"].get(0).ok_or_else(|| retry(RetryCause::BadResponse, "the response has no `choices`"))?;
     let msg = &choice["message"];
     let refusal = msg["refusal"].as_str().filter(|s| !s.is_empty()).map(str::to_string);
     let content = match &msg["content"] {
@@ -96,7 +97,9 @@ impl OpenAi {
 pub(crate) fn redact(f: Failure, key: Option<&ApiKey>) -> Failure {
     let Some(k) = key else { return f };
     match f {
-        Failure::Retry { cause, detail, headers } => Failure::Retry { cause, detail: k.redact(&detail), headers },
+        Failure::Retry { cause, detail, headers } => {
+            Failure::Retry { cause, detail: k.redact(&detail), headers }
+        }
         Failure::Fatal { message, hint } => Failure::Fatal { message: k.redact(&message), hint },
     }
 }
@@ -129,11 +132,17 @@ mod tests {
         let c = parse(br#"{"choices":[{"message":{"content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":10,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":4}}}"#).unwrap();
         assert_eq!(c.content, "hi");
         assert_eq!(c.usage, Usage { input_tokens: 6, output_tokens: 2, cached_input_tokens: 4 });
-        let r = parse(br#"{"choices":[{"message":{"content":null,"refusal":"I can't help"},"finish_reason":"stop"}]}"#).unwrap();
+        let r = parse(
+            br#"{"choices":[{"message":{"content":null,"refusal":"I can't help"},"finish_reason":"stop"}]}"#,
+        )
+        .unwrap();
         assert!(r.failure().unwrap().contains("I can't help"));
         let l = parse(br#"{"choices":[{"message":{"content":"cut"},"finish_reason":"length"}]}"#).unwrap();
         assert_eq!(l.finish, Finish::Length);
-        assert!(matches!(parse(b"{\"choices\": [").unwrap_err(), Failure::Retry { cause: RetryCause::BadResponse, .. }));
+        assert!(matches!(
+            parse(b"{\"choices\": [").unwrap_err(),
+            Failure::Retry { cause: RetryCause::BadResponse, .. }
+        ));
         assert!(matches!(parse(b"{}").unwrap_err(), Failure::Retry { cause: RetryCause::BadResponse, .. }));
     }
 }

@@ -29,16 +29,14 @@ const TABLE: &[(&str, f64, f64, f64)] = &[
 /// The price of a model from the built-in table: the longest entry the name starts with, so dated
 /// snapshots (`gpt-4o-mini-2024-07-18`) match.
 pub fn builtin_price(model: &str) -> Option<Price> {
-    TABLE
-        .iter()
-        .filter(|(name, ..)| model.starts_with(name))
-        .max_by_key(|(name, ..)| name.len())
-        .map(|&(_, input, output, cached)| Price {
+    TABLE.iter().filter(|(name, ..)| model.starts_with(name)).max_by_key(|(name, ..)| name.len()).map(
+        |&(_, input, output, cached)| Price {
             input_per_mtok: input,
             output_per_mtok: output,
             cached_input_per_mtok: Some(cached),
             batch_discount: 0.5,
-        })
+        },
+    )
 }
 
 /// Resolved pricing for one teacher.

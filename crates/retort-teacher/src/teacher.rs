@@ -139,14 +139,19 @@ impl Teacher {
         let key = api_key.filter(|k| !k.is_empty()).map(ApiKey::new);
         let key_env = t.api_key_env.clone();
         let base_url = || {
-            t.base_url.clone().or_else(|| t.provider.default_base_url().map(str::to_string)).ok_or_else(|| {
-                TeacherError::Config {
+            t.base_url.clone().or_else(|| t.provider.default_base_url().map(str::to_string)).ok_or_else(
+                || TeacherError::Config {
                     message: format!("`provider = \"{}\"` needs `teacher.base_url`", t.provider.as_str()),
                     hint: "e.g. `base_url = \"http://localhost:8000/v1\"`".into(),
-                }
+                },
+            )
+        };
+        let client = || {
+            build_client(t.max_concurrency).map_err(|message| TeacherError::Config {
+                message,
+                hint: "this is a bug in retort's TLS set-up; please report it".into(),
             })
         };
-        let client = || build_client(t.max_concurrency).map_err(|message| TeacherError::Config { message, hint: "this is a bug in retort's TLS set-up; please report it".into() });
         let needs_key = |k: &Option<ApiKey>| -> Result<(), TeacherError> {
             match (k, &key_env) {
                 (None, Some(env)) => Err(TeacherError::MissingKey { env: env.clone() }),
@@ -274,7 +279,9 @@ impl Teacher {
                 self.stat(|s| s.cache_hits += 1);
                 Ok(Answer { key: key.clone(), completion: c, cached: true })
             }
-            None => self.send(req, &key).await.map(|c| Answer { key: key.clone(), completion: c, cached: false }),
+            None => {
+                self.send(req, &key).await.map(|c| Answer { key: key.clone(), completion: c, cached: false })
+            }
         };
         drop(guard);
         self.inflight.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
@@ -303,7 +310,12 @@ impl Teacher {
             let outcome = match &self.backend {
                 Backend::OpenAi(c) => c.send(req).await,
                 Backend::Anthropic(c) => c.send(req).await,
-                Backend::Replay(_) => return Err(TeacherError::Config { message: "replay sends nothing".into(), hint: String::new() }),
+                Backend::Replay(_) => {
+                    return Err(TeacherError::Config {
+                        message: "replay sends nothing".into(),
+                        hint: String::new(),
+                    });
+                }
             };
             match outcome {
                 Ok((mut c, headers)) => {
@@ -330,7 +342,11 @@ impl Teacher {
                     attempt += 1;
                     tracing::debug!(request = %req.describe(), cause = cause.as_str(), %detail, attempt, "retrying");
                     if attempt > self.max_retries {
-                        return Err(TeacherError::RetriesExhausted { request: req.describe(), attempts: attempt, last: detail });
+                        return Err(TeacherError::RetriesExhausted {
+                            request: req.describe(),
+                            attempts: attempt,
+                            last: detail,
+                        });
                     }
                     let since = self.last_success.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
                     if since >= self.stall_timeout {
@@ -380,6 +396,9 @@ mod tests {
     fn retry_after_wins_over_backoff() {
         let h = RateHeaders { retry_after: Some(Duration::from_millis(5)), ..RateHeaders::default() };
         assert_eq!(retry_delay(&h, RetryCause::Overloaded, Duration::from_secs(9)), Duration::from_millis(5));
-        assert_eq!(retry_delay(&RateHeaders::default(), RetryCause::Timeout, Duration::from_secs(2)), Duration::from_secs(2));
+        assert_eq!(
+            retry_delay(&RateHeaders::default(), RetryCause::Timeout, Duration::from_secs(2)),
+            Duration::from_secs(2)
+        );
     }
 }
