@@ -429,7 +429,7 @@ impl<'a> Ctx<'a> {
 }
 
 fn describe(input: &Input) -> String {
-    format!("input `{}` ({})", input.id, input.origin)
+    format!("input `{}` at {}", input.id, input.origin)
 }
 
 fn agreement_key(a: &str, kind: OutputKind) -> String {
@@ -888,7 +888,7 @@ fn report(ctx: &Ctx<'_>, run: &Run, started: Instant, counts: [usize; 3]) -> Val
             "retries": s.retries,
         },
         "tokens": {"input": s.input_tokens, "cached_input": s.cached_input_tokens, "output": s.output_tokens},
-        "cost_usd": {"this_run": r(s.cost_usd), "earlier_runs": r(s.cost_before_usd), "total": r(s.cost_usd + s.cost_before_usd), "budget": ctx.t.budget_usd},
+        "cost_usd": {"this_run": r(s.cost_usd) + 0.0, "earlier_runs": r(s.cost_before_usd) + 0.0, "total": r(s.cost_usd + s.cost_before_usd) + 0.0, "budget": ctx.t.budget_usd},
         "inputs_used": run.inputs_used,
         "rows": {"kept": counts.iter().sum::<usize>(), "train": counts[0], "val": counts[1], "test": counts[2], "rejected": run.rejected.len()},
         "rejected_by_filter": order,
