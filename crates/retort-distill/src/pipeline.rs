@@ -397,6 +397,7 @@ impl<'a> Ctx<'a> {
                     let r = fut.await;
                     if r.is_err() {
                         self.stop.store(true, Ordering::Relaxed);
+                        self.teacher.halt();
                     }
                     progress.inc(1);
                     if self.t.budget_usd.is_some() || self.teacher.pricing().price.is_some() {
@@ -414,7 +415,9 @@ impl<'a> Ctx<'a> {
             match r {
                 Ok(x) => out.push(x),
                 Err(e) => {
-                    if first_err.is_none() {
+                    // The error that stopped the run, not the requests it stopped.
+                    let halted = matches!(e, DistillError::Teacher { source: TeacherError::Halted, .. });
+                    if first_err.is_none() || (!halted && first_is_halt(&first_err)) {
                         first_err = Some(e);
                     }
                     out.push(None);
@@ -426,6 +429,10 @@ impl<'a> Ctx<'a> {
             None => Ok(out),
         }
     }
+}
+
+fn first_is_halt(e: &Option<DistillError>) -> bool {
+    matches!(e, Some(DistillError::Teacher { source: TeacherError::Halted, .. }))
 }
 
 fn describe(input: &Input) -> String {

@@ -79,6 +79,9 @@ pub enum TeacherError {
         /// The variable's name.
         env: String,
     },
+    /// The run is stopping after an earlier error; this request was not sent.
+    #[error("not sent: the run is stopping after an earlier error")]
+    Halted,
     /// The teacher settings cannot work (no price for a budget, a bad URL, ...).
     #[error("{message}")]
     Config {
@@ -112,6 +115,7 @@ impl TeacherError {
             TeacherError::Journal { .. } => Some(
                 "check that the data directory is writable and the disk is not full; a corrupt journal can be deleted (answered requests are then paid again)".into(),
             ),
+            TeacherError::Halted => None,
             TeacherError::MissingKey { env } => {
                 Some(format!("export {env}=... in the shell or job that runs retort (the recipe names the variable in `teacher.api_key_env`)"))
             }

@@ -114,6 +114,7 @@ pub struct Teacher {
     stats: Mutex<Stats>,
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     last_success: Mutex<Instant>,
+    halted: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Teacher {
@@ -207,6 +208,7 @@ impl Teacher {
             stats: Mutex::new(stats),
             inflight: Mutex::new(HashMap::new()),
             last_success: Mutex::new(Instant::now()),
+            halted: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -243,6 +245,16 @@ impl Teacher {
     /// True when the answer is cached (asking costs nothing).
     pub fn is_cached(&self, req: &ChatRequest) -> bool {
         self.store.contains(&self.key(req))
+    }
+
+    /// Stops sending: requests not yet sent fail with [`TeacherError::Halted`]. Called after an
+    /// error that ends the run, so no more money is spent on it.
+    pub fn halt(&self) {
+        self.halted.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_halted(&self) -> bool {
+        self.halted.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The counters so far.
@@ -289,6 +301,9 @@ impl Teacher {
     }
 
     async fn send(&self, req: &ChatRequest, key: &str) -> Result<Completion, TeacherError> {
+        if self.is_halted() {
+            return Err(TeacherError::Halted);
+        }
         let worst = self.pricing.worst_case(req.worst_case_input_tokens(), req.max_tokens);
         self.budget.reserve(worst)?;
         let result = self.send_reserved(req, key).await;
@@ -303,6 +318,9 @@ impl Teacher {
         let mut journaled = false;
         loop {
             let grant = self.limiter.acquire(est_tokens).await;
+            if self.is_halted() {
+                return Err(TeacherError::Halted);
+            }
             if !journaled {
                 self.store.record_sent(key)?;
                 journaled = true;
@@ -334,7 +352,10 @@ impl Teacher {
                     });
                     return Ok(c);
                 }
-                Err(Failure::Fatal { message, hint }) => return Err(TeacherError::Fatal { message, hint }),
+                Err(Failure::Fatal { message, hint }) => {
+                    self.halt();
+                    return Err(TeacherError::Fatal { message, hint });
+                }
                 Err(Failure::Retry { cause, detail, headers }) => {
                     drop(grant);
                     self.limiter.observe(&headers);
