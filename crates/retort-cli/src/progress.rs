@@ -126,6 +126,8 @@ impl Progress {
             out,
         };
         state.emit("start");
+        // The first item done is reported at once; the interval applies from then on.
+        state.last_emit = None;
         Progress { inner: Inner::Json(Mutex::new(state)) }
     }
 

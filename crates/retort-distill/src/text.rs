@@ -68,7 +68,7 @@ impl NearDup {
         let num_perm = num_perm.max(2) as usize;
         let mut best = (1, num_perm, f64::INFINITY);
         for rows in 1..=num_perm {
-            if num_perm % rows != 0 {
+            if !num_perm.is_multiple_of(rows) {
                 continue;
             }
             let bands = num_perm / rows;
@@ -143,7 +143,7 @@ impl NearDup {
 }
 
 fn band_hash(band: &[u64]) -> u64 {
-    band.iter().fold(0x51_7cc1_b727_220a_95u64, |h, x| splitmix(h ^ x))
+    band.iter().fold(0x517c_c1b7_2722_0a95_u64, |h, x| splitmix(h ^ x))
 }
 
 /// distinct-n: unique word n-grams over all n-grams in the texts (1 is fully diverse).

@@ -75,7 +75,7 @@ pub enum Failure {
         /// What happened.
         detail: String,
         /// What the provider's headers said.
-        headers: RateHeaders,
+        headers: Box<RateHeaders>,
     },
     /// Retrying cannot help.
     Fatal {
@@ -87,7 +87,7 @@ pub enum Failure {
 }
 
 pub(crate) fn retry(cause: RetryCause, detail: impl Into<String>) -> Failure {
-    Failure::Retry { cause, detail: detail.into(), headers: RateHeaders::default() }
+    Failure::Retry { cause, detail: detail.into(), headers: Box::default() }
 }
 
 /// Classifies an error from sending a request or reading its body.
@@ -160,11 +160,11 @@ pub(crate) fn status_failure(
             message: format!("{provider} does not know the model `{model}` or the URL is wrong (HTTP 404{said})"),
             hint: "check `teacher.model` (spelled as the provider lists it) and `teacher.base_url`".into(),
         },
-        408 => Failure::Retry { cause: RetryCause::Timeout, detail: format!("HTTP 408{said}"), headers },
-        409 | 425 => Failure::Retry { cause: RetryCause::ServerError, detail: format!("HTTP {status}{said}"), headers },
-        429 => Failure::Retry { cause: RetryCause::RateLimit, detail: format!("HTTP 429{said}"), headers },
-        503 | 529 => Failure::Retry { cause: RetryCause::Overloaded, detail: format!("HTTP {status}{said}"), headers },
-        500..=599 => Failure::Retry { cause: RetryCause::ServerError, detail: format!("HTTP {status}{said}"), headers },
+        408 => Failure::Retry { cause: RetryCause::Timeout, detail: format!("HTTP 408{said}"), headers: Box::new(headers) },
+        409 | 425 => Failure::Retry { cause: RetryCause::ServerError, detail: format!("HTTP {status}{said}"), headers: Box::new(headers) },
+        429 => Failure::Retry { cause: RetryCause::RateLimit, detail: format!("HTTP 429{said}"), headers: Box::new(headers) },
+        503 | 529 => Failure::Retry { cause: RetryCause::Overloaded, detail: format!("HTTP {status}{said}"), headers: Box::new(headers) },
+        500..=599 => Failure::Retry { cause: RetryCause::ServerError, detail: format!("HTTP {status}{said}"), headers: Box::new(headers) },
         _ if code == "model_not_found" || lower.contains("model_not_found") => Failure::Fatal {
             message: format!("{provider} does not know the model `{model}` (HTTP {status}{said})"),
             hint: "check `teacher.model`, spelled as the provider lists it".into(),

@@ -149,6 +149,11 @@ struct State {
     paused_until: Option<Instant>,
 }
 
+enum Step {
+    Wait(Duration),
+    Go(Instant),
+}
+
 /// The limits one teacher runs under.
 #[derive(Debug)]
 pub struct Limiter {
@@ -211,45 +216,40 @@ impl Limiter {
 
     async fn wait_turn(&self, tokens: u64) {
         loop {
-            let wait = {
-                let mut s = self.lock();
-                let now = Instant::now();
-                if let Some(p) = s.paused_until.filter(|p| *p > now) {
-                    Some(p - now)
-                } else {
-                    // Tokens: refill, then take when enough are there (or the bucket is full, for a
-                    // request larger than the whole bucket).
-                    let mut token_wait = None;
-                    if s.tokens_per_s > 0.0 {
-                        let dt = now.duration_since(s.refilled).as_secs_f64();
-                        s.tokens = (s.tokens + dt * s.tokens_per_s).min(s.token_capacity);
-                        s.refilled = now;
-                        let need = (tokens as f64).min(s.token_capacity);
-                        if s.tokens < need {
-                            token_wait = Some(Duration::from_secs_f64((need - s.tokens) / s.tokens_per_s));
-                        }
+            match self.step(tokens) {
+                Step::Wait(w) => tokio::time::sleep(w.max(Duration::from_millis(1))).await,
+                Step::Go(slot) => {
+                    if slot > Instant::now() {
+                        tokio::time::sleep_until(slot).await;
                     }
-                    match token_wait {
-                        Some(w) => Some(w),
-                        None => {
-                            if s.tokens_per_s > 0.0 {
-                                s.tokens -= tokens as f64;
-                            }
-                            let slot = s.next_slot.max(now);
-                            s.next_slot = slot + Duration::from_secs_f64(s.interval);
-                            drop(s);
-                            if slot > now {
-                                tokio::time::sleep_until(slot).await;
-                            }
-                            return;
-                        }
-                    }
+                    return;
                 }
-            };
-            if let Some(w) = wait {
-                tokio::time::sleep(w.max(Duration::from_millis(1))).await;
             }
         }
+    }
+
+    /// One look at the limits: wait this long, or go at this instant (the request slot is taken).
+    fn step(&self, tokens: u64) -> Step {
+        let mut s = self.lock();
+        let now = Instant::now();
+        if let Some(p) = s.paused_until.filter(|p| *p > now) {
+            return Step::Wait(p - now);
+        }
+        // Tokens: refill, then take when enough are there (or the bucket is full, for a request
+        // larger than the whole bucket).
+        if s.tokens_per_s > 0.0 {
+            let dt = now.duration_since(s.refilled).as_secs_f64();
+            s.tokens = (s.tokens + dt * s.tokens_per_s).min(s.token_capacity);
+            s.refilled = now;
+            let need = (tokens as f64).min(s.token_capacity);
+            if s.tokens < need {
+                return Step::Wait(Duration::from_secs_f64((need - s.tokens) / s.tokens_per_s));
+            }
+            s.tokens -= tokens as f64;
+        }
+        let slot = s.next_slot.max(now);
+        s.next_slot = slot + Duration::from_secs_f64(s.interval);
+        Step::Go(slot)
     }
 
     /// Corrects the token bucket once the real usage is known.
