@@ -139,7 +139,9 @@ impl Teacher {
         // Provider batch APIs are not implemented yet: requests go online and are priced in full.
         let pricing = Pricing::resolve(t.provider, &t.model, t.price.as_ref(), false, t.budget_usd)?;
         if t.batch {
-            tracing::warn!("`teacher.batch = true`: retort does not use batch APIs yet; requests are sent online at the full price");
+            tracing::warn!(
+                "`teacher.batch = true`: retort does not use batch APIs yet; requests are sent online at the full price"
+            );
         }
         let key = api_key.filter(|k| !k.is_empty()).map(ApiKey::new);
         let key_env = t.api_key_env.clone();
