@@ -1,7 +1,7 @@
-//! `retort-mock-teacher`: the test fake of the OpenAI and Anthropic APIs as a process, for
+//! `mock_teacher`: the test fake of the OpenAI and Anthropic APIs as a process, for
 //! benchmarks. Answers every request with a short text derived from its user message.
 //!
-//!     retort-mock-teacher [--latency-ms N] [--rpm N]
+//!     cargo run --release -p retort-teacher --features mock --example mock_teacher -- [--latency-ms N] [--rpm N]
 //!
 //! Prints its URL on the first line of stdout, then serves until killed. `GET /stats` returns how
 //! many requests it answered and the most it saw in any 60-second window.
