@@ -128,7 +128,7 @@ impl Store {
             file.set_len(good_len).map_err(|e| err(format!("cannot cut off a torn last line: {e}")))?;
             file.seek(SeekFrom::End(0)).map_err(|e| err(format!("cannot seek: {e}")))?;
         }
-        let spent_at_open = cache.values().map(|c| c.cost_usd).sum();
+        let spent_at_open = cache.values().map(|c| c.cost_usd).sum::<f64>() + 0.0;
         Ok(Store {
             path: path.to_path_buf(),
             inner: Mutex::new(Inner { file, last_sync: Instant::now(), dirty: false }),
