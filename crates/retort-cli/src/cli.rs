@@ -37,6 +37,20 @@ pub enum Command {
     /// Create, check, show and document recipes.
     #[command(subcommand)]
     Recipe(RecipeCommand),
+
+    /// Have the teacher write and grade the dataset: `train/val/test.jsonl` in `project.data_dir`.
+    ///
+    /// Answered requests are journaled, so a rerun after a crash, a budget stop (exit 4) or an
+    /// edited template only pays for what is new.
+    Distill {
+        /// The recipe file.
+        #[arg(value_name = "RECIPE")]
+        recipe: PathBuf,
+
+        /// Print how many requests would be sent and what they may cost, and send nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// `retort recipe ...`.

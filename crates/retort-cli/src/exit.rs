@@ -15,7 +15,6 @@ pub enum Exit {
     #[expect(dead_code, reason = "part of the documented exit-code contract; `retort eval` returns it")]
     GateFailed = 3,
     /// A budget or time limit was reached; the work so far is saved and a rerun resumes.
-    #[expect(dead_code, reason = "part of the documented exit-code contract; distill and train return it")]
     Limit = 4,
 }
 

@@ -6,6 +6,7 @@
 mod cli;
 mod cmd;
 mod exit;
+mod progress;
 mod ui;
 
 use std::process::ExitCode;
@@ -37,6 +38,7 @@ fn init_logging(ui: &Ui) {
 fn run(cli: Cli, ui: &Ui) -> anyhow::Result<Exit> {
     match cli.command {
         Command::Recipe(cmd) => cmd::recipe::run(ui, cmd),
+        Command::Distill { recipe, dry_run } => cmd::distill::run(ui, &recipe, dry_run),
     }
 }
 

@@ -21,6 +21,31 @@ fn sync_dir(dir: &Path) {
     }
 }
 
+#[cfg(unix)]
+fn set_final_mode(tmp: &Path, target: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = match std::fs::metadata(target) {
+        Ok(m) => m.permissions().mode() & 0o7777,
+        Err(_) => 0o666 & !umask(),
+    };
+    std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))
+}
+
+#[cfg(not(unix))]
+fn set_final_mode(_tmp: &Path, _target: &Path) -> io::Result<()> {
+    Ok(())
+}
+
+/// The process umask, read from /proc (reading it with umask(2) would change it, racing other threads).
+#[cfg(unix)]
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Umask:").map(|v| v.trim().to_string())))
+        .and_then(|v| u32::from_str_radix(&v, 8).ok())
+        .unwrap_or(0o022)
+}
+
 /// Writes `bytes` to `path` atomically. With `overwrite = false` an existing file is never replaced
 /// (the final step is a no-clobber link), so of two concurrent writers exactly one wins.
 pub fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> io::Result<()> {
@@ -51,6 +76,9 @@ impl AtomicFile {
 
     fn finish(self) -> io::Result<(NamedTempFile, PathBuf)> {
         let tmp = self.writer.into_inner().map_err(|e| e.into_error())?;
+        // Temporary files are created 0600; the final file gets the mode a plain create would give it
+        // (0666 minus the umask), or keeps the mode of the file it replaces.
+        set_final_mode(tmp.path(), &self.path)?;
         tmp.as_file().sync_all()?;
         Ok((tmp, self.path))
     }
@@ -106,6 +134,24 @@ mod tests {
         write_atomic(&p, b"three", true).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"three");
         assert_eq!(names(dir.path()), ["a.toml"]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn committed_files_get_normal_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("train.jsonl");
+        write_atomic(&p, b"x", false).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666 & !umask(), "a new file follows the umask, not tempfile's 0600");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        write_atomic(&p, b"y", true).unwrap();
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o640,
+            "a replaced file keeps its mode"
+        );
     }
 
     #[test]

@@ -57,11 +57,7 @@ fn enumerate(kind: &str) -> Vec<Device> {
 }
 
 fn built(kind: &str) -> bool {
-    match kind {
-        "cuda" => cfg!(feature = "cuda"),
-        "wgpu" => cfg!(feature = "wgpu"),
-        _ => true,
-    }
+    (kind != "cuda" || cfg!(feature = "cuda")) && (kind != "wgpu" || cfg!(feature = "wgpu"))
 }
 
 fn explicit(kind: &str, index: u32) -> Result<Selected, ModelError> {
@@ -86,10 +82,10 @@ pub fn select(choice: Choice) -> Result<Selected, ModelError> {
         Choice::Wgpu(i) => explicit("wgpu", i),
         Choice::Auto => {
             for kind in ["cuda", "wgpu"] {
-                if built(kind) {
-                    if let Some(device) = enumerate(kind).into_iter().next() {
-                        return Ok(Selected { device, name: format!("{kind}:0"), gpu: true });
-                    }
+                if built(kind)
+                    && let Some(device) = enumerate(kind).into_iter().next()
+                {
+                    return Ok(Selected { device, name: format!("{kind}:0"), gpu: true });
                 }
             }
             Ok(cpu())

@@ -27,7 +27,7 @@ pub fn run(ui: &Ui, cmd: RecipeCommand) -> anyhow::Result<Exit> {
     }
 }
 
-fn print_report(ui: &Ui, report: &Report) {
+pub(crate) fn print_report(ui: &Ui, report: &Report) {
     if report.diagnostics.is_empty() {
         return;
     }
@@ -41,7 +41,7 @@ fn print_report(ui: &Ui, report: &Report) {
     ui.stderr(&text);
 }
 
-fn print_read_error(ui: &Ui, e: &ReadError) {
+pub(crate) fn print_read_error(ui: &Ui, e: &ReadError) {
     ui.error(&e.to_string(), e.hint().as_deref());
 }
 
