@@ -51,6 +51,16 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+
+    /// Generate text with a model: one prompt, or a chat read from standard input (`--chat`).
+    Generate(GenerateArgs),
+
+    /// Write a model's logits for given tokens to a `.npy` file, to compare with transformers or llama.cpp.
+    Logits(LogitsArgs),
+
+    /// Describe a model: architecture, size, and the memory LoRA and QLoRA training would need.
+    #[command(subcommand)]
+    Inspect(InspectCommand),
 }
 
 /// `retort recipe ...`.
@@ -142,4 +152,123 @@ mod tests {
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
     }
+}
+
+/// `--dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    /// bf16 on GPUs (f16 where bf16 is missing), f32 on the CPU.
+    Auto,
+    /// 32-bit float.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// 16-bit float.
+    F16,
+}
+
+/// Where and how to load a model.
+#[derive(Debug, clap::Args)]
+pub struct ModelArgs {
+    /// The model: a Hugging Face directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+
+    /// Where to run: auto, cpu, cuda:N or wgpu:N.
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    pub device: String,
+
+    /// Precision of weights and activations.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    pub dtype: DtypeArg,
+}
+
+/// `retort generate`.
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// The prompt. With a chat template (instruct models) it is sent as one user message; see `--raw`.
+    #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+    pub prompt: Option<String>,
+
+    /// Chat: read user messages from standard input, one per line, and answer each in turn.
+    #[arg(long)]
+    pub chat: bool,
+
+    /// A system message for the chat template.
+    #[arg(long)]
+    pub system: Option<String>,
+
+    /// Continue the prompt as plain text, without the chat template.
+    #[arg(long, conflicts_with = "chat")]
+    pub raw: bool,
+
+    /// Most new tokens per answer.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+
+    /// Sample from the k most likely tokens only.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+
+    /// Sample from the smallest set of tokens with this much probability.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+
+    /// Penalise repeated tokens (1.0 is none).
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// `retort logits`.
+#[derive(Debug, clap::Args)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Token ids, comma-separated.
+    #[arg(long, value_delimiter = ',', conflicts_with = "text", required_unless_present = "text")]
+    pub ids: Vec<u32>,
+
+    /// Text, tokenized with the model's tokenizer (special tokens such as BOS added as the tokenizer
+    /// does).
+    #[arg(long)]
+    pub text: Option<String>,
+
+    /// The `.npy` file to write: float32, shape [tokens, vocab].
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// `retort inspect ...`.
+#[derive(Debug, Subcommand)]
+pub enum InspectCommand {
+    /// Architecture, parameter count, dtype, and estimated training memory of a model directory.
+    Model {
+        /// The model directory.
+        #[arg(value_name = "DIR")]
+        model: PathBuf,
+
+        /// Sequence length for the memory estimate.
+        #[arg(long, default_value_t = 2048)]
+        seq_len: usize,
+
+        /// Micro-batch size for the memory estimate.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+
+        /// LoRA rank for the memory estimate (all linear layers).
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+    },
 }

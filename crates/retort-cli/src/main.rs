@@ -39,6 +39,9 @@ fn run(cli: Cli, ui: &Ui) -> anyhow::Result<Exit> {
     match cli.command {
         Command::Recipe(cmd) => cmd::recipe::run(ui, cmd),
         Command::Distill { recipe, dry_run } => cmd::distill::run(ui, &recipe, dry_run),
+        Command::Generate(args) => cmd::model::generate(ui, args),
+        Command::Logits(args) => cmd::model::logits(ui, args),
+        Command::Inspect(cmd) => cmd::inspect::run(ui, cmd),
     }
 }
 

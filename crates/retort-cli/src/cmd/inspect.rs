@@ -1,0 +1,96 @@
+//! `retort inspect model`: what a model is and what training it would need.
+
+use retort_hf::{Checkpoint, ModelConfig};
+use retort_model::memory::{TrainShape, estimate};
+
+use crate::cli::InspectCommand;
+use crate::exit::{CliError, Exit};
+use crate::ui::Ui;
+
+fn gib(bytes: f64) -> String {
+    format!("{:.2} GiB", bytes / (1u64 << 30) as f64)
+}
+
+pub fn run(ui: &Ui, cmd: InspectCommand) -> anyhow::Result<Exit> {
+    match cmd {
+        InspectCommand::Model { model, seq_len, batch, rank } => {
+            let cfg = ModelConfig::load(&model).map_err(|e| CliError::input(e.to_string()))?;
+            let dtype = Checkpoint::open(&model)
+                .ok()
+                .and_then(|c| c.dominant_dtype())
+                .map(|d| d.name().to_string())
+                .or_else(|| cfg.torch_dtype.clone())
+                .unwrap_or_else(|| "unknown".into());
+            let params = cfg.parameter_count();
+            let shapes = [("LoRA (bf16 base)", false), ("QLoRA (NF4 base)", true)];
+            let estimates: Vec<(&str, retort_model::memory::MemoryEstimate)> = shapes
+                .iter()
+                .map(|(name, nf4)| {
+                    (
+                        *name,
+                        estimate(
+                            &cfg,
+                            TrainShape { batch, seq: seq_len, rank, nf4: *nf4, checkpointing: true },
+                        ),
+                    )
+                })
+                .collect();
+            if ui.json {
+                let v = serde_json::json!({
+                    "architecture": cfg.arch.hf_name(),
+                    "parameters": params,
+                    "dtype": dtype,
+                    "layers": cfg.num_layers,
+                    "hidden_size": cfg.hidden_size,
+                    "heads": cfg.num_heads,
+                    "kv_heads": cfg.num_kv_heads,
+                    "vocab_size": cfg.vocab_size,
+                    "context": cfg.max_position_embeddings,
+                    "lora_targets": retort_hf::names::peft_targets(&cfg),
+                    "training_memory": estimates.iter().map(|(n, e)| serde_json::json!({
+                        "method": n, "seq_len": seq_len, "batch": batch, "rank": rank,
+                        "weights": e.weights, "adapters": e.adapters, "activations": e.activations,
+                        "logits": e.logits, "total": e.total(),
+                    })).collect::<Vec<_>>(),
+                });
+                ui.stdout_line(&v.to_string());
+                return Ok(Exit::Ok);
+            }
+            let mut out = String::new();
+            out.push_str(&format!(
+                "architecture   {} (gguf: {})\n",
+                cfg.arch.hf_name(),
+                cfg.arch.gguf_arch()
+            ));
+            out.push_str(&format!("parameters     {} ({:.2}B)\n", params, params as f64 / 1e9));
+            out.push_str(&format!("dtype          {dtype}\n"));
+            out.push_str(&format!(
+                "shape          {} layers, hidden {}, MLP {}, {} heads ({} key/value) of {}\n",
+                cfg.num_layers,
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                cfg.num_heads,
+                cfg.num_kv_heads,
+                cfg.head_dim
+            ));
+            out.push_str(&format!("vocabulary     {}\n", cfg.vocab_size));
+            out.push_str(&format!("context        {} tokens\n", cfg.max_position_embeddings));
+            out.push_str(&format!("LoRA targets   {}\n", retort_hf::names::peft_targets(&cfg).join(", ")));
+            out.push_str(&format!(
+                "\nestimated training memory, micro-batch {batch} x {seq_len} tokens, rank {rank} on all linear layers,\nactivation checkpointing on:\n"
+            ));
+            for (name, e) in &estimates {
+                out.push_str(&format!(
+                    "  {name:<18} {:>10}  (weights {}, adapters+AdamW {}, activations {}, logits {})\n",
+                    gib(e.total()),
+                    gib(e.weights),
+                    gib(e.adapters),
+                    gib(e.activations),
+                    gib(e.logits)
+                ));
+            }
+            ui.stdout_line(out.trim_end());
+            Ok(Exit::Ok)
+        }
+    }
+}
