@@ -170,9 +170,15 @@ pub enum DtypeArg {
 /// Where and how to load a model.
 #[derive(Debug, clap::Args)]
 pub struct ModelArgs {
-    /// The model: a Hugging Face directory (config.json, *.safetensors, tokenizer.json).
-    #[arg(long, value_name = "DIR")]
+    /// The model: a Hugging Face directory (config.json, *.safetensors, tokenizer.json) or a hub id
+    /// (`org/name`, downloaded into the Hugging Face cache; `HF_TOKEN` for gated models,
+    /// `HF_HUB_OFFLINE=1` to use the cache only).
+    #[arg(long, value_name = "DIR|ORG/NAME")]
     pub model: PathBuf,
+
+    /// Hub revision (branch, tag or commit) for a hub id.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
 
     /// Where to run: auto, cpu, cuda:N or wgpu:N.
     #[arg(long, default_value = "auto", value_name = "DEVICE")]

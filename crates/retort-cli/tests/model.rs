@@ -269,3 +269,49 @@ fn bad_model_inputs_exit_1_with_clear_messages() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("no chats here"), "{}", stderr(&o));
 }
+
+#[test]
+fn hub_ids_use_the_cache_offline_and_say_what_to_do() {
+    let cache = tempfile::tempdir().unwrap();
+    // A snapshot put in the cache the way the hub client lays it out.
+    let snap = cache.path().join("models--acme--tiny/snapshots/0123456789abcdef0123456789abcdef01234567");
+    std::fs::create_dir_all(&snap).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(models().join("llama").join(f), snap.join(f)).unwrap();
+    }
+    std::fs::create_dir_all(cache.path().join("models--acme--tiny/refs")).unwrap();
+    std::fs::write(
+        cache.path().join("models--acme--tiny/refs/main"),
+        "0123456789abcdef0123456789abcdef01234567",
+    )
+    .unwrap();
+    let out = cache.path().join("l.npy");
+    let run = |model: &str| {
+        Command::new(env!("CARGO_BIN_EXE_retort"))
+            .args([
+                "--log-format",
+                "human",
+                "logits",
+                "--model",
+                model,
+                "--device",
+                "cpu",
+                "--ids",
+                "1,2",
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .env("HF_HUB_CACHE", cache.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap()
+    };
+    let o = run("acme/tiny");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(read_npy(&out).0, [2, 256]);
+    let o = run("acme/missing");
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("is not in the cache") && e.contains("unset HF_HUB_OFFLINE"), "{e}");
+}

@@ -33,14 +33,38 @@ fn model_error(e: retort_model::ModelError) -> CliError {
     CliError::input(e.to_string()).hint(hint)
 }
 
-/// Loads a model directory onto the requested device.
-pub(crate) fn load(ui: &Ui, args: &ModelArgs) -> anyhow::Result<Loaded> {
-    let dir = args.model.as_path();
-    if !dir.is_dir() {
-        return Err(CliError::input(format!("model directory `{}` does not exist", dir.display()))
-            .hint("pass a directory in Hugging Face format (config.json, *.safetensors, tokenizer.json)")
-            .into());
+/// A local model directory: the path itself, or the hub snapshot of an `org/name` id.
+pub(crate) fn resolve_model(ui: &Ui, model: &Path, revision: &str) -> anyhow::Result<std::path::PathBuf> {
+    if model.is_dir() {
+        return Ok(model.to_path_buf());
     }
+    let id = model.to_string_lossy();
+    if !model.exists() && retort_hf::hub::is_hub_id(&id) {
+        let hub = retort_hf::Hub::from_env();
+        ui.status("fetching", &format!("{id} at {revision} into {}", hub.cache.display()));
+        let dir = hub.snapshot(&id, revision).map_err(|e| {
+            let hint = match &e {
+                retort_hf::HubError::NotCached { .. } => {
+                    "unset HF_HUB_OFFLINE to download it, or pass a local directory"
+                }
+                retort_hf::HubError::Download { .. } => {
+                    "run the command again: finished files are kept and partial ones resume"
+                }
+                _ => "check the id on the hub, or pass a local directory",
+            };
+            CliError::input(e.to_string()).hint(hint)
+        })?;
+        return Ok(dir);
+    }
+    Err(CliError::input(format!("model directory `{}` does not exist", model.display()))
+        .hint("pass a directory in Hugging Face format (config.json, *.safetensors, tokenizer.json) or a hub id `org/name`")
+        .into())
+}
+
+/// Loads a model directory (or hub id) onto the requested device.
+pub(crate) fn load(ui: &Ui, args: &ModelArgs) -> anyhow::Result<Loaded> {
+    let resolved = resolve_model(ui, &args.model, &args.revision)?;
+    let dir = resolved.as_path();
     let choice: retort_recipe::types::Device = args
         .device
         .parse()
