@@ -81,13 +81,16 @@ impl Attention {
         sin: &Tensor<4>,
         mask: &Tensor<5>,
         cache: Option<&mut Option<LayerCache>>,
+        train: bool,
     ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let (q, k, v) = match &self.qkv {
-            Qkv::Separate(p) => (p.q.forward(x.clone()), p.k.forward(x.clone()), p.v.forward(x)),
+            Qkv::Separate(p) => {
+                (p.q.forward(x.clone(), train), p.k.forward(x.clone(), train), p.v.forward(x, train))
+            }
             Qkv::Fused(qkv) => {
-                let all = qkv.forward(x);
+                let all = qkv.forward(x, train);
                 let q = all.clone().narrow(2, 0, h * d);
                 let k = all.clone().narrow(2, h * d, kvh * d);
                 let v = all.narrow(2, h * d + kvh * d, kvh * d);
@@ -128,6 +131,6 @@ impl Attention {
         let probs = if dtype == DType::F32 { probs } else { probs.cast(dtype) };
         let out = probs.matmul(v5); // [b, kvh, rep, s, d]
         let out = out.reshape([b, h, s, d]).swap_dims(1, 2).reshape([b, s, h * d]);
-        self.o.forward(out)
+        self.o.forward(out, train)
     }
 }

@@ -16,12 +16,14 @@ pub mod error;
 pub mod generate;
 pub mod linear;
 mod load;
+pub mod lora;
 pub mod mask;
 pub mod memory;
 pub mod mlp;
 pub mod model;
 pub mod norm;
 pub mod rope;
+pub mod walk;
 
 pub use batch::Batch;
 pub use burn;

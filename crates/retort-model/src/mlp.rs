@@ -49,17 +49,19 @@ fn activate(x: Tensor<3>, a: Activation) -> Tensor<3> {
 
 impl Mlp {
     /// Applies the block to `[batch, seq, hidden]`.
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, train: bool) -> Tensor<3> {
         let h = match &self.gate_up {
-            GateUp::Separate(p) => activate(p.gate.forward(x.clone()), self.activation) * p.up.forward(x),
+            GateUp::Separate(p) => {
+                activate(p.gate.forward(x.clone(), train), self.activation) * p.up.forward(x, train)
+            }
             GateUp::Fused(gate_up) => {
-                let gu = gate_up.forward(x);
+                let gu = gate_up.forward(x, train);
                 let ff = gu.dims()[2] / 2;
                 let gate = gu.clone().narrow(2, 0, ff);
                 let up = gu.narrow(2, ff, ff);
                 up * activate(gate, self.activation)
             }
         };
-        self.down.forward(h)
+        self.down.forward(h, train)
     }
 }

@@ -47,13 +47,14 @@ impl Layer {
         sin: &Tensor<4>,
         mask: &Tensor<5>,
         cache: Option<&mut Option<LayerCache>>,
+        train: bool,
     ) -> Tensor<3> {
-        let mut h = self.attn.forward(self.attn_norm.forward(x.clone()), cos, sin, mask, cache);
+        let mut h = self.attn.forward(self.attn_norm.forward(x.clone()), cos, sin, mask, cache, train);
         if let Some(n) = &self.post_attn_norm {
             h = n.forward(h);
         }
         let x = x + h;
-        let mut h = self.mlp.forward(self.ffn_norm.forward(x.clone()));
+        let mut h = self.mlp.forward(self.ffn_norm.forward(x.clone()), train);
         if let Some(n) = &self.post_ffn_norm {
             h = n.forward(h);
         }
@@ -141,8 +142,17 @@ impl Transformer {
         self.embed.val().dtype()
     }
 
-    /// Hidden states after the final norm, `[rows, len, hidden]`.
-    pub fn hidden(&self, batch: &Batch, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    /// Hidden states after the final norm, `[rows, len, hidden]` (inference: no dropout).
+    pub fn hidden(&self, batch: &Batch, cache: Option<&mut KvCache>) -> Tensor<3> {
+        self.hidden_mode(batch, cache, false)
+    }
+
+    /// Hidden states for training (adapter dropout on).
+    pub fn hidden_train(&self, batch: &Batch) -> Tensor<3> {
+        self.hidden_mode(batch, None, true)
+    }
+
+    fn hidden_mode(&self, batch: &Batch, mut cache: Option<&mut KvCache>, train: bool) -> Tensor<3> {
         let device = self.device();
         let dtype = self.dtype();
         let (rows, len) = (batch.rows, batch.len);
@@ -193,7 +203,7 @@ impl Transformer {
                 _ => (&cos, &sin),
             };
             let slot = cache.as_deref_mut().map(|kv| &mut kv.layers[i]);
-            x = layer.forward(x, c, s, &mask, slot);
+            x = layer.forward(x, c, s, &mask, slot, train);
         }
         if let Some(c) = cache {
             // Append this pass's rows to the cached padding and segment records.
@@ -221,7 +231,7 @@ impl Transformer {
     /// does that.
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         let logits = match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => head.forward(hidden, false),
             None => {
                 let [b, s, h] = hidden.dims();
                 let w = self.embed.val();

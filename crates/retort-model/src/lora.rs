@@ -1,0 +1,90 @@
+//! A low-rank adapter on a frozen linear layer, computed as PEFT computes it (`peft/tuners/lora/layer.py`
+//! and `dora.py`): the unmerged form `y = x W^T + s (dropout(x) A^T) B^T`, never materialising
+//! `W + s B A` (except DoRA's detached weight norm, which needs it). Adapter weights are f32 whatever the
+//! base dtype; the adapter path runs in f32 and the result is cast back to the base output's dtype.
+//!
+//! DoRA: `y = base(x) + (m / n - 1) (x W^T) + (m / n) s (x A^T) B^T` with `n = ||W + s B A||` per output
+//! row, detached, and `m` the learned magnitude.
+
+use burn::module::{Module, Param};
+use burn::tensor::{DType, Distribution, Tensor};
+
+/// LoRA weights of one linear layer.
+#[derive(Module, Debug)]
+pub struct Lora {
+    /// `lora_A.weight`, `[r, in]`, f32.
+    pub a: Param<Tensor<2>>,
+    /// `lora_B.weight`, `[out, r]`, f32.
+    pub b: Param<Tensor<2>>,
+    /// DoRA's magnitude per output feature (`lora_magnitude_vector`), `[out]`, f32.
+    pub magnitude: Option<Param<Tensor<1>>>,
+    /// `alpha / r` (or `alpha / sqrt(r)` for rsLoRA).
+    pub scale: f64,
+    /// Dropout on the adapter input during training.
+    pub dropout: f64,
+}
+
+impl Lora {
+    /// Rank.
+    pub fn rank(&self) -> usize {
+        self.a.val().dims()[0]
+    }
+
+    fn dropout_input(&self, x: Tensor<2>, train: bool) -> Tensor<2> {
+        if !train || self.dropout <= 0.0 {
+            return x;
+        }
+        let keep = 1.0 - self.dropout;
+        let mask = Tensor::<2>::random(x.shape(), Distribution::Bernoulli(keep), &x.device());
+        let mask = if x.dtype() == mask.dtype() { mask } else { mask.cast(x.dtype()) };
+        x * mask.div_scalar(keep)
+    }
+
+    /// The adapter's contribution added to `base` (`x W^T + b`, `[n, out]`), for flattened inputs
+    /// `x` (`[n, in]`), given the frozen weight `w` (`[out, in]`, needed by DoRA only).
+    pub fn apply(
+        &self,
+        x: Tensor<2>,
+        base: Tensor<2>,
+        w: &Tensor<2>,
+        bias: Option<&Tensor<1>>,
+        train: bool,
+    ) -> Tensor<2> {
+        let out_dtype = base.dtype();
+        let x32 = if x.dtype() == DType::F32 { x } else { x.cast(DType::F32) };
+        let base32 = if out_dtype == DType::F32 { base } else { base.cast(DType::F32) };
+        let a = self.a.val();
+        let b = self.b.val();
+        let xd = self.dropout_input(x32.clone(), train);
+        let lora =
+            xd.clone().matmul(a.clone().transpose()).matmul(b.clone().transpose()).mul_scalar(self.scale);
+        let y = match &self.magnitude {
+            None => base32 + lora,
+            Some(m) => {
+                let w32 = if w.dtype() == DType::F32 { w.clone() } else { w.clone().cast(DType::F32) };
+                let delta = b.detach().matmul(a.detach()).mul_scalar(self.scale);
+                let norm = (w32.clone() + delta).square().sum_dim(1).sqrt().detach().reshape([1, -1]);
+                let mag_scale = m.val().reshape([1, -1]) / norm;
+                // The base term without its bias; from the dropped-out input when dropout is active (as
+                // PEFT recomputes it then).
+                let base_term = if train && self.dropout > 0.0 {
+                    xd.matmul(w32.transpose())
+                } else {
+                    match bias {
+                        Some(bias) => {
+                            let b32 = if bias.dtype() == DType::F32 {
+                                bias.clone()
+                            } else {
+                                bias.clone().cast(DType::F32)
+                            };
+                            base32.clone() - b32.reshape([1, -1])
+                        }
+                        None => base32.clone(),
+                    }
+                };
+                base32 + (mag_scale.clone().sub_scalar(1.0)) * base_term + mag_scale * lora
+            }
+        };
+        if out_dtype == DType::F32 { y } else { y.cast(out_dtype) }
+    }
+}
