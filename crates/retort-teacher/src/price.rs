@@ -130,7 +130,8 @@ impl Budget {
             if let Some(cap) = self.cap
                 && l.spent + l.reserved + sum + w > cap
             {
-                let refusal = TeacherError::Budget { cap, spent: l.spent, reserved: l.reserved + sum, next: *w };
+                let refusal =
+                    TeacherError::Budget { cap, spent: l.spent, reserved: l.reserved + sum, next: *w };
                 l.reserved += sum;
                 return (fit, sum, Some(refusal));
             }

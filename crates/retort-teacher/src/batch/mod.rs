@@ -103,7 +103,12 @@ impl Batcher {
                 q.open.insert(k, id.clone());
             }
         }
-        Batcher { opts, queue: Mutex::new(q), wake: Notify::new(), progress: watch::Sender::new(BatchProgress::default()) }
+        Batcher {
+            opts,
+            queue: Mutex::new(q),
+            wake: Notify::new(),
+            progress: watch::Sender::new(BatchProgress::default()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -185,10 +190,14 @@ impl Teacher {
     /// Runs batches until nobody waits for anything.
     async fn lead(&self, b: &Batcher) {
         let Some(client) = self.batch_client() else {
-            self.fail_all(b, &[], TeacherError::Config {
-                message: "the replay provider has no batch API".into(),
-                hint: "set `teacher.batch = false`".into(),
-            });
+            self.fail_all(
+                b,
+                &[],
+                TeacherError::Config {
+                    message: "the replay provider has no batch API".into(),
+                    hint: "set `teacher.batch = false`".into(),
+                },
+            );
             return;
         };
         let mut tracked: Vec<Tracked> = Vec::new();
@@ -197,7 +206,9 @@ impl Teacher {
             loop {
                 let last = b.lock().last_enqueue;
                 match last {
-                    Some(t) if t.elapsed() < b.opts.linger => tokio::time::sleep_until(t + b.opts.linger).await,
+                    Some(t) if t.elapsed() < b.opts.linger => {
+                        tokio::time::sleep_until(t + b.opts.linger).await
+                    }
                     _ => break,
                 }
             }
@@ -271,7 +282,15 @@ impl Teacher {
 
     fn track(&self, id: String, keys: Vec<String>, reserved: f64) -> Tracked {
         let now = Instant::now();
-        Tracked { id, keys, reserved, next_poll: now, interval: Duration::ZERO, last_ok: now, info: Info::default() }
+        Tracked {
+            id,
+            keys,
+            reserved,
+            next_poll: now,
+            interval: Duration::ZERO,
+            last_ok: now,
+            info: Info::default(),
+        }
     }
 
     /// Splits the queue by the provider's limits and submits each part within the budget.
@@ -302,7 +321,8 @@ impl Teacher {
                 self.deliver_err(b, &key, e);
                 continue;
             }
-            let fits = chunks.last().is_some_and(|c| c.len() < max_requests && bytes + entry.len() <= max_bytes);
+            let fits =
+                chunks.last().is_some_and(|c| c.len() < max_requests && bytes + entry.len() <= max_bytes);
             if !fits {
                 chunks.push(Vec::new());
                 bytes = 0;
@@ -319,8 +339,10 @@ impl Teacher {
                 }
                 continue;
             }
-            let worst: Vec<f64> =
-                chunk.iter().map(|(_, r, _)| self.pricing.worst_case(r.worst_case_input_tokens(), r.max_tokens)).collect();
+            let worst: Vec<f64> = chunk
+                .iter()
+                .map(|(_, r, _)| self.pricing.worst_case(r.worst_case_input_tokens(), r.max_tokens))
+                .collect();
             let (fit, reserved, refusal) = self.budget.reserve_prefix(&worst);
             if let Some(e) = refusal {
                 for (k, ..) in chunk.drain(fit..) {
@@ -379,7 +401,11 @@ impl Teacher {
                     self.count_retry(cause.as_str());
                     attempt += 1;
                     if attempt > self.max_retries {
-                        return Err(TeacherError::RetriesExhausted { request: req.describe(), attempts: attempt, last: detail });
+                        return Err(TeacherError::RetriesExhausted {
+                            request: req.describe(),
+                            attempts: attempt,
+                            last: detail,
+                        });
                     }
                     let delay = retry_delay(&headers, cause, self.backoff.delay(attempt, u64::from(attempt)));
                     tokio::time::sleep(delay).await;
@@ -396,7 +422,8 @@ impl Teacher {
     async fn poll_one(&self, client: Client<'_>, b: &Batcher, t: &mut Tracked) -> bool {
         let now = Instant::now();
         let step = |t: &mut Tracked| {
-            t.interval = if t.interval.is_zero() { b.opts.poll } else { (t.interval * 2).min(b.opts.max_poll) };
+            t.interval =
+                if t.interval.is_zero() { b.opts.poll } else { (t.interval * 2).min(b.opts.max_poll) };
             t.next_poll = Instant::now() + t.interval;
         };
         match client.poll(&t.id).await {
@@ -426,7 +453,14 @@ impl Teacher {
                         // Results stay with the provider; the next poll fetches them again.
                         tracing::warn!(batch = %t.id, error = %e, "cannot download the batch results yet");
                         if t.last_ok.elapsed() >= self.stall_timeout {
-                            self.give_up(b, t, TeacherError::Stalled { waited: humanize(t.last_ok.elapsed()), last: e.to_string() });
+                            self.give_up(
+                                b,
+                                t,
+                                TeacherError::Stalled {
+                                    waited: humanize(t.last_ok.elapsed()),
+                                    last: e.to_string(),
+                                },
+                            );
                             return true;
                         }
                         step(t);
@@ -446,7 +480,11 @@ impl Teacher {
             Err(Failure::Retry { cause, detail, .. }) => {
                 self.count_retry(cause.as_str());
                 if t.last_ok.elapsed() >= self.stall_timeout {
-                    self.give_up(b, t, TeacherError::Stalled { waited: humanize(t.last_ok.elapsed()), last: detail });
+                    self.give_up(
+                        b,
+                        t,
+                        TeacherError::Stalled { waited: humanize(t.last_ok.elapsed()), last: detail },
+                    );
                     return true;
                 }
                 step(t);
@@ -536,7 +574,8 @@ impl Teacher {
                 }
             }
         }
-        let closed = self.store.append(&Record::BatchClosed { id: t.id.clone() }).and_then(|()| self.store.sync());
+        let closed =
+            self.store.append(&Record::BatchClosed { id: t.id.clone() }).and_then(|()| self.store.sync());
         if let Err(e) = closed {
             journal_error.get_or_insert(e);
         }

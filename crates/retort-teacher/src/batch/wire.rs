@@ -163,7 +163,9 @@ impl Client<'_> {
         if !(200..300).contains(&status) {
             let f = status_failure(status, headers, &bytes, self.name(), "(batch)", self.key_env());
             let f = match f {
-                Failure::Fatal { message, hint } => Failure::Fatal { message: format!("{what}: {message}"), hint },
+                Failure::Fatal { message, hint } => {
+                    Failure::Fatal { message: format!("{what}: {message}"), hint }
+                }
                 Failure::Retry { cause, detail, headers } => {
                     Failure::Retry { cause, detail: format!("{what}: {detail}"), headers }
                 }
@@ -196,7 +198,8 @@ impl Client<'_> {
                     "completion_window": "24h",
                     "metadata": {"created_by": "retort"},
                 });
-                let rb = self.request(reqwest::Method::POST, &self.url("batches"), self.timeout()).json(&body);
+                let rb =
+                    self.request(reqwest::Method::POST, &self.url("batches"), self.timeout()).json(&body);
                 let what = "creating the batch";
                 let bytes = self.call(rb, what).await?.ok_or_else(|| self.missing(what))?;
                 id_of(&Self::json(&bytes, what)?, what)
@@ -212,7 +215,11 @@ impl Client<'_> {
                 }
                 body.extend_from_slice(b"]}");
                 let rb = self
-                    .request(reqwest::Method::POST, &self.url("messages/batches"), self.timeout().max(TRANSFER_TIMEOUT))
+                    .request(
+                        reqwest::Method::POST,
+                        &self.url("messages/batches"),
+                        self.timeout().max(TRANSFER_TIMEOUT),
+                    )
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(body);
                 let what = "creating the message batch";
@@ -227,7 +234,8 @@ impl Client<'_> {
         let boundary = format!("retort-{:016x}", crate::teacher::splitmix(entries.len() as u64 ^ 0x5eed));
         let mut body = Vec::with_capacity(entries.iter().map(Vec::len).sum::<usize>() + 512);
         body.extend_from_slice(
-            format!("--{boundary}\r\ncontent-disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n").as_bytes(),
+            format!("--{boundary}\r\ncontent-disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n")
+                .as_bytes(),
         );
         body.extend_from_slice(
             format!(
@@ -365,7 +373,11 @@ fn openai_failed(v: &Value, id: &str) -> Failure {
             a.iter()
                 .map(|e| {
                     let line = e["line"].as_u64().map(|l| format!(" (input line {l})")).unwrap_or_default();
-                    format!("{}{line}: {}", e["code"].as_str().unwrap_or("error"), e["message"].as_str().unwrap_or(""))
+                    format!(
+                        "{}{line}: {}",
+                        e["code"].as_str().unwrap_or("error"),
+                        e["message"].as_str().unwrap_or("")
+                    )
                 })
                 .collect()
         })
@@ -429,7 +441,14 @@ fn anthropic_item(line: &[u8]) -> Result<(String, Item), String> {
                 _ => 500,
             };
             let body = json!({"error": inner}).to_string();
-            Item::Failed(status_failure(status, RateHeaders::default(), body.as_bytes(), "Anthropic", "(batch)", None))
+            Item::Failed(status_failure(
+                status,
+                RateHeaders::default(),
+                body.as_bytes(),
+                "Anthropic",
+                "(batch)",
+                None,
+            ))
         }
         kind @ ("canceled" | "expired") => Item::Unfinished(format!("the batch {kind} this request")),
         other => return Err(format!("unknown result type `{other}`")),
@@ -449,9 +468,13 @@ mod tests {
         assert_eq!(id, "a");
         assert!(matches!(item, Item::Answer(c) if c.content == "hi" && c.finish == Finish::Stop));
         let expired = br#"{"id":"r2","custom_id":"b","response":null,"error":{"code":"batch_expired","message":"too late"}}"#;
-        assert!(matches!(openai_item(expired).unwrap().1, Item::Unfinished(m) if m.contains("batch_expired")));
+        assert!(
+            matches!(openai_item(expired).unwrap().1, Item::Unfinished(m) if m.contains("batch_expired"))
+        );
         let bad = br#"{"id":"r3","custom_id":"c","response":{"status_code":400,"body":{"error":{"message":"bad schema","code":"invalid"}}},"error":null}"#;
-        assert!(matches!(openai_item(bad).unwrap().1, Item::Failed(Failure::Fatal { message, .. }) if message.contains("bad schema")));
+        assert!(
+            matches!(openai_item(bad).unwrap().1, Item::Failed(Failure::Fatal { message, .. }) if message.contains("bad schema"))
+        );
         let busy = br#"{"id":"r4","custom_id":"d","response":{"status_code":500,"body":{"error":{"message":"oops"}}},"error":null}"#;
         assert!(matches!(openai_item(busy).unwrap().1, Item::Failed(Failure::Retry { .. })));
         assert!(openai_item(b"{}").is_err());
@@ -462,7 +485,10 @@ mod tests {
         let ok = br#"{"custom_id":"a","result":{"type":"succeeded","message":{"content":[{"type":"text","text":"x"}],"stop_reason":"end_turn","usage":{"input_tokens":2,"output_tokens":1}}}}"#;
         assert!(matches!(anthropic_item(ok).unwrap().1, Item::Answer(c) if c.content == "x"));
         let err = br#"{"custom_id":"b","result":{"type":"errored","error":{"type":"error","error":{"type":"overloaded_error","message":"busy"}}}}"#;
-        assert!(matches!(anthropic_item(err).unwrap().1, Item::Failed(Failure::Retry { cause: RetryCause::Overloaded, .. })));
+        assert!(matches!(
+            anthropic_item(err).unwrap().1,
+            Item::Failed(Failure::Retry { cause: RetryCause::Overloaded, .. })
+        ));
         let bad = br#"{"custom_id":"c","result":{"type":"errored","error":{"type":"error","error":{"type":"invalid_request_error","message":"no"}}}}"#;
         assert!(matches!(anthropic_item(bad).unwrap().1, Item::Failed(Failure::Fatal { .. })));
         let exp = br#"{"custom_id":"d","result":{"type":"expired"}}"#;
@@ -472,7 +498,10 @@ mod tests {
 
     #[test]
     fn results_urls_on_another_host_never_get_the_key() {
-        assert!(same_origin("https://api.anthropic.com/v1/messages/batches/x/results", "https://api.anthropic.com"));
+        assert!(same_origin(
+            "https://api.anthropic.com/v1/messages/batches/x/results",
+            "https://api.anthropic.com"
+        ));
         assert!(!same_origin("https://evil.example/results", "https://api.anthropic.com"));
         assert!(same_origin("http://127.0.0.1:5/v1/x", "http://127.0.0.1:5"));
     }

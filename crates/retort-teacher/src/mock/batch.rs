@@ -49,7 +49,10 @@ impl Stored {
 }
 
 fn err(status: u16, message: &str) -> Option<(u16, Vec<u8>)> {
-    Some((status, json!({"error": {"message": message, "type": "invalid_request_error"}}).to_string().into_bytes()))
+    Some((
+        status,
+        json!({"error": {"message": message, "type": "invalid_request_error"}}).to_string().into_bytes(),
+    ))
 }
 
 fn ok(v: Value) -> Option<(u16, Vec<u8>)> {
@@ -93,7 +96,9 @@ pub(super) fn route(
             let Some(file) = file else { return err(404, "no such file") };
             let mut entries = Vec::new();
             for line in file.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-                let Ok(e) = serde_json::from_slice::<Value>(line) else { return err(400, "a line is not JSON") };
+                let Ok(e) = serde_json::from_slice::<Value>(line) else {
+                    return err(400, "a line is not JSON");
+                };
                 let Some(cid) = e["custom_id"].as_str() else { return err(400, "a line has no custom_id") };
                 if e["method"] != "POST" || e["url"] != "/v1/chat/completions" {
                     return err(400, "each line needs method POST and url /v1/chat/completions");
@@ -108,8 +113,13 @@ pub(super) fn route(
             let Some(reqs) = v["requests"].as_array() else { return err(400, "no requests") };
             let mut entries = Vec::new();
             for r in reqs {
-                let Some(cid) = r["custom_id"].as_str() else { return err(400, "a request has no custom_id") };
-                if cid.is_empty() || cid.len() > 64 || !cid.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                let Some(cid) = r["custom_id"].as_str() else {
+                    return err(400, "a request has no custom_id");
+                };
+                if cid.is_empty()
+                    || cid.len() > 64
+                    || !cid.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
                     return err(400, "custom_id must match ^[a-zA-Z0-9_-]{1,64}$");
                 }
                 entries.push((cid.to_string(), r["params"].clone(), r.to_string().len()));
@@ -281,10 +291,16 @@ fn poll(shared: &Shared, id: &str, headers: &HashMap<String, String>) -> Option<
             };
             logged.push(Logged { api, user: e.req.user.clone(), status, answer });
             let line = match (api, status) {
-                (Api::OpenAi, _) => json!({"id": format!("batch_req_{}", e.custom_id), "custom_id": e.custom_id,
-                    "response": {"status_code": status, "request_id": "req_mock", "body": body}, "error": null}),
-                (Api::Anthropic, 200) => json!({"custom_id": e.custom_id, "result": {"type": "succeeded", "message": body}}),
-                (Api::Anthropic, _) => json!({"custom_id": e.custom_id, "result": {"type": "errored", "error": body}}),
+                (Api::OpenAi, _) => {
+                    json!({"id": format!("batch_req_{}", e.custom_id), "custom_id": e.custom_id,
+                    "response": {"status_code": status, "request_id": "req_mock", "body": body}, "error": null})
+                }
+                (Api::Anthropic, 200) => {
+                    json!({"custom_id": e.custom_id, "result": {"type": "succeeded", "message": body}})
+                }
+                (Api::Anthropic, _) => {
+                    json!({"custom_id": e.custom_id, "result": {"type": "errored", "error": body}})
+                }
             };
             if status == 200 {
                 counts.0 += 1;
@@ -325,5 +341,6 @@ fn poll(shared: &Shared, id: &str, headers: &HashMap<String, String>) -> Option<
     }
     let v = status_json(&st.batches[i], headers);
     drop(st);
+    shared.changed.notify_all();
     ok(v)
 }

@@ -195,6 +195,27 @@ impl MockServer {
         self.lock().batches.iter().map(batch::Stored::view).collect()
     }
 
+    /// Blocks until `pred(batches created so far)` holds (woken by each create and poll), or
+    /// `limit` passes; returns whether it held.
+    pub fn wait_batches(&self, limit: Duration, pred: impl Fn(&[MockBatch]) -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut st = self.lock();
+        loop {
+            let views: Vec<MockBatch> = st.batches.iter().map(batch::Stored::view).collect();
+            if pred(&views) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = match self.shared.changed.wait_timeout(st, deadline - now) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+
     /// Requests waiting for an answer right now.
     pub fn pending(&self) -> usize {
         self.lock().pending
@@ -302,7 +323,16 @@ pub(crate) fn error_body(api: Api, status: u16, message: &str) -> Value {
             json!({"error": {"message": message, "type": "error", "code": if status == 429 { "rate_limit_exceeded" } else { "error" }}})
         }
         Api::Anthropic => {
-            json!({"type": "error", "error": {"type": if status == 529 { "overloaded_error" } else { "api_error" }, "message": message}})
+            let kind = match status {
+                400 => "invalid_request_error",
+                401 => "authentication_error",
+                403 => "permission_error",
+                404 => "not_found_error",
+                429 => "rate_limit_error",
+                529 => "overloaded_error",
+                _ => "api_error",
+            };
+            json!({"type": "error", "error": {"type": kind, "message": message}})
         }
     }
 }
