@@ -104,7 +104,7 @@ fn an_invalid_json_answer_gets_one_reask_quoting_the_error_then_is_kept_or_rejec
             let msgs = r.body["messages"].as_array().unwrap();
             assert_eq!(msgs[msgs.len() - 2]["role"], "assistant");
             let n = ticket_number(msgs[1]["content"].as_str().unwrap());
-            return Behavior::Answer(if n % 2 == 0 {
+            return Behavior::Answer(if n.is_multiple_of(2) {
                 "{\"label\": \"bug\"}".into()
             } else {
                 "{\"tag\": 1}".into()
@@ -158,7 +158,7 @@ fn the_judge_rejects_low_scores_with_the_score_and_its_requests_are_paid_for() {
         if r.user.starts_with("Grade one example") {
             assert!(r.user.contains("Be correct."), "the rubric is in the judge's prompt");
             let n = ticket_number(r.user.split("The user's message:").nth(1).unwrap());
-            let score = if n % 3 == 0 { 4 } else { 9 };
+            let score = if n.is_multiple_of(3) { 4 } else { 9 };
             return Behavior::Answer(format!("{{\"score\": {score}, \"reason\": \"ok\"}}"));
         }
         Behavior::Answer("bug".into())
@@ -171,7 +171,7 @@ fn the_judge_rejects_low_scores_with_the_score_and_its_requests_are_paid_for() {
     );
     write_case(dir.path(), &online(&server.url()), &distill);
     let o = run(dir.path()).unwrap();
-    let low: Vec<usize> = (0..TICKETS).filter(|n| n % 3 == 0).collect();
+    let low: Vec<usize> = (0..TICKETS).filter(|n| n.is_multiple_of(3)).collect();
     let rejected = jsonl(&dir.path().join("out/rejected.jsonl"));
     let mut got: Vec<usize> = rejected.iter().map(|r| ticket_number(r["input"].as_str().unwrap())).collect();
     got.sort();
