@@ -994,6 +994,13 @@ pub fn estimate(recipe: &Recipe, api_key: Option<String>) -> Result<Estimate, Di
         notes.push("rejected rows are made up for by further passes over more inputs".into());
     }
     let pricing = ctx.teacher.pricing();
+    if ctx.teacher.is_batch() {
+        let discount = pricing.price.as_ref().map_or(0.5, |p| p.batch_discount);
+        notes.push(format!(
+            "costs are at the batch price ({}% of the online price); answers arrive when the provider ends the batch, within 24 hours",
+            (discount * 100.0).round()
+        ));
+    }
     let mut est = Estimate {
         requests: 0,
         cached: 0,

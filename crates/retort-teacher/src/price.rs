@@ -142,6 +142,12 @@ impl Budget {
         (fit, sum, None)
     }
 
+    /// Reserves `worst` dollars even past the cap: money an earlier run already committed (a
+    /// submitted batch), which later sends must leave room for.
+    pub fn commit(&self, worst: f64) {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner()).reserved += worst;
+    }
+
     /// Turns a reservation into the real cost (`None`: the request was never answered).
     pub fn settle(&self, worst: f64, actual: Option<f64>) {
         let mut l = self.ledger.lock().unwrap_or_else(|e| e.into_inner());

@@ -265,7 +265,9 @@ impl Teacher {
         }
     }
 
-    /// Tracks the batches an earlier run submitted that hold a request someone waits for.
+    /// Tracks the batches an earlier run submitted that hold a request someone waits for. Their
+    /// worst case is committed against the budget (they are paid for whatever this run does), as
+    /// far as it is known: requests of theirs that nobody asks for again count like those that are.
     fn adopt(&self, b: &Batcher, tracked: &mut Vec<Tracked>) {
         let wanted: HashSet<String> = {
             let q = b.lock();
@@ -275,7 +277,17 @@ impl Teacher {
             if wanted.contains(&id) && !tracked.iter().any(|t| t.id == id) {
                 tracing::info!(batch = %id, requests = keys.len(), "resuming a batch submitted by an earlier run");
                 self.stat(|s| s.batches_resumed += 1);
-                tracked.push(self.track(id, keys, 0.0));
+                let known: Vec<f64> = {
+                    let q = b.lock();
+                    keys.iter()
+                        .filter_map(|k| q.reqs.get(k))
+                        .map(|r| self.pricing.worst_case(r.worst_case_input_tokens(), r.max_tokens))
+                        .collect()
+                };
+                let mean = known.iter().sum::<f64>() / known.len().max(1) as f64;
+                let worst = mean * keys.len() as f64;
+                self.budget.commit(worst);
+                tracked.push(self.track(id, keys, worst));
             }
         }
     }
@@ -436,7 +448,13 @@ impl Teacher {
                     return false;
                 }
                 if let Some(refused) = info.refused {
+                    let wait = matches!(refused, Failure::Retry { .. });
                     self.absorb(b, t, Vec::new(), Some(refused));
+                    if wait {
+                        // A limit on queued work (OpenAI's enqueued tokens) passes as other
+                        // batches finish: wait before the resubmission.
+                        tokio::time::sleep(self.backoff.max).await;
+                    }
                     return true;
                 }
                 let first_req = self.request_of(b, &t.keys);
