@@ -320,7 +320,7 @@ impl Teacher {
         let mut bytes = 0usize;
         for (key, req) in pending {
             let entry = client.entry(&key, &req);
-            if entry.len() > max_bytes {
+            if entry.len() + 1 > max_bytes {
                 let e = TeacherError::Config {
                     message: format!(
                         "the request {} is {} bytes, more than one {} batch may hold ({max_bytes} bytes)",
@@ -333,13 +333,14 @@ impl Teacher {
                 self.deliver_err(b, &key, e);
                 continue;
             }
-            let fits =
-                chunks.last().is_some_and(|c| c.len() < max_requests && bytes + entry.len() <= max_bytes);
+            // One byte more an entry: the comma between Anthropic's entries.
+            let size = entry.len() + 1;
+            let fits = chunks.last().is_some_and(|c| c.len() < max_requests && bytes + size <= max_bytes);
             if !fits {
                 chunks.push(Vec::new());
                 bytes = 0;
             }
-            bytes += entry.len();
+            bytes += size;
             if let Some(c) = chunks.last_mut() {
                 c.push((key, req, entry));
             }

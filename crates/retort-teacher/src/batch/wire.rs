@@ -4,13 +4,14 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use crate::anthropic::{self, Anthropic};
 use crate::completion::Completion;
 use crate::http::{ApiKey, Failure, RetryCause, retry, status_failure, transport};
 use crate::limiter::RateHeaders;
 use crate::openai::{self, OpenAi, redact};
-use crate::request::ChatRequest;
+use crate::request::{ChatRequest, hex};
 
 /// OpenAI: at most 50,000 requests and 200 MB in one batch input file.
 pub(crate) const OPENAI_LIMITS: Limits = Limits { max_requests: 50_000, max_bytes: 200 * 1000 * 1000 };
@@ -231,7 +232,12 @@ impl Client<'_> {
 
     /// OpenAI: uploads the JSONL input file (`purpose=batch`); returns its id.
     async fn upload(&self, entries: &[Vec<u8>]) -> Result<String, Failure> {
-        let boundary = format!("retort-{:016x}", crate::teacher::splitmix(entries.len() as u64 ^ 0x5eed));
+        // A boundary made from a hash of the content cannot occur in that content.
+        let mut h = Sha256::new();
+        for e in entries {
+            h.update(e);
+        }
+        let boundary = format!("retort-{}", &hex(&h.finalize())[..32]);
         let mut body = Vec::with_capacity(entries.iter().map(Vec::len).sum::<usize>() + 512);
         body.extend_from_slice(
             format!("--{boundary}\r\ncontent-disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n")
