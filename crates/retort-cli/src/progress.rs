@@ -153,7 +153,12 @@ impl Progress {
             Inner::Bar(b) => b.set_message(msg.to_string()),
             Inner::Json(m) => {
                 if let Ok(mut s) = m.lock() {
+                    // A new message is news (a provider batch's progress comes only this way).
+                    let changed = s.message != msg;
                     s.message = msg.to_string();
+                    if changed && s.last_emit.is_some_and(|t| t.elapsed() >= JSON_INTERVAL) {
+                        s.emit("progress");
+                    }
                 }
             }
             Inner::Hidden => {}

@@ -254,3 +254,61 @@ fn dry_run_sends_nothing_and_prices_the_worst_case() {
     assert!(out.contains("= at most $0.04"), "{out}");
     assert!(server.log().is_empty());
 }
+
+#[test]
+fn killed_after_submitting_a_batch_the_rerun_polls_that_batch_and_pays_once_at_the_batch_price() {
+    let hold = Arc::new(AtomicBool::new(true));
+    let mut config = MockConfig::answering(label);
+    config.batch_hold = Some(hold.clone());
+    let server = MockServer::start(config).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_case(
+        dir.path(),
+        &server.url(),
+        "api_key_env = \"RETORT_TEST_KEY\"\nbatch = true\nprice = { input_per_mtok = 1.0, output_per_mtok = 1.0 }",
+    );
+    let recipe = std::fs::read_to_string(dir.path().join("recipe.toml")).unwrap();
+    std::fs::write(dir.path().join("recipe.toml"), recipe.replace("\"openai-compatible\"", "\"openai\""))
+        .unwrap();
+    let key = "sk-batch-ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+
+    // The first run submits one batch for every input, polls it once, and is killed while it runs.
+    let mut child = retort(dir.path())
+        .args(["-q", "distill", "recipe.toml"])
+        .env("RETORT_TEST_KEY", key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let polled = server.wait_batches(Duration::from_secs(30), |b| b.first().is_some_and(|b| b.polls >= 1));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(polled, "the first run never polled its batch");
+    assert_eq!(server.batches().len(), 1);
+    assert!(server.log().is_empty(), "nothing answered yet");
+
+    // The provider finishes the batch; the rerun finds it in the journal.
+    hold.store(false, Ordering::SeqCst);
+    let o = retort(dir.path())
+        .args(["-q", "distill", "recipe.toml"])
+        .env("RETORT_TEST_KEY", key)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let batches = server.batches();
+    assert_eq!(batches.len(), 1, "the rerun submitted no second batch: {batches:?}");
+    assert_eq!(batches[0].custom_ids.len(), INPUTS);
+    let per_request = answers_per_request(&server);
+    assert_eq!(per_request.len(), INPUTS);
+    assert!(per_request.values().all(|n| *n == 1));
+    assert_eq!(dataset(dir.path()).iter().map(|s| s.lines().count()).sum::<usize>(), INPUTS);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/distill.json")).unwrap()).unwrap();
+    assert_eq!(report["requests"]["batches_resumed"], 1);
+    assert_eq!(report["requests"]["batches_submitted"], 0);
+    let tokens = report["tokens"]["input"].as_f64().unwrap() + report["tokens"]["output"].as_f64().unwrap();
+    let cost = report["cost_usd"]["total"].as_f64().unwrap();
+    assert!((cost - 0.5 * tokens / 1e6).abs() < 1e-6, "half price: {cost} for {tokens} tokens");
+    let journal = std::fs::read_to_string(dir.path().join("out/.cache/teacher-journal.jsonl")).unwrap();
+    assert!(!journal.contains("ABCDEFGHIJKLMNOP"), "no key in the journal");
+}

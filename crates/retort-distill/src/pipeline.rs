@@ -278,9 +278,12 @@ impl<'a> Ctx<'a> {
         let mut last = ("teacher", "no answer".to_string(), None::<String>);
         for attempt in 0..self.d.max_attempts.max(1) {
             let mut valid: Vec<(String, String)> = Vec::new();
-            for s in 0..n {
-                let req = self.answer_request(self.base_messages(&user), attempt * n + s);
-                let a = self.ask(&input, &req).await?;
+            // The samples of one attempt go out together (one provider batch in batch mode).
+            let reqs: Vec<ChatRequest> =
+                (0..n).map(|s| self.answer_request(self.base_messages(&user), attempt * n + s)).collect();
+            let answers = futures::future::join_all(reqs.iter().map(|r| self.ask(&input, r))).await;
+            for (req, a) in reqs.into_iter().zip(answers) {
+                let a = a?;
                 if let Some(why) = a.completion.failure() {
                     last = ("teacher", why, Some(a.completion.content.clone()));
                     continue;
@@ -386,8 +389,27 @@ impl<'a> Ctx<'a> {
         F: Fn(T) -> Fut,
         Fut: Future<Output = Result<R, DistillError>>,
     {
-        let width = (self.t.max_concurrency as usize).max(1) * 2;
-        let results: Vec<Result<Option<R>, DistillError>> = futures::stream::iter(items)
+        // In batch mode every item is in flight at once, so that its requests join one batch.
+        let width = if self.teacher.is_batch() {
+            items.len().max(1)
+        } else {
+            (self.t.max_concurrency as usize).max(1) * 2
+        };
+        let batch_progress = async {
+            let Some(mut rx) = self.teacher.batch_progress() else { return std::future::pending().await };
+            while rx.changed().await.is_ok() {
+                let p = *rx.borrow_and_update();
+                if p.batches > 0 {
+                    let b = if p.batches == 1 { "batch" } else { "batches" };
+                    progress.set_message(&format!(
+                        "{} provider {b}: {}/{} requests done",
+                        p.batches, p.done, p.total
+                    ));
+                }
+            }
+            std::future::pending::<()>().await
+        };
+        let work = futures::stream::iter(items)
             .map(|item| {
                 let fut = f(item);
                 async move {
@@ -407,8 +429,11 @@ impl<'a> Ctx<'a> {
                 }
             })
             .buffered(width)
-            .collect()
-            .await;
+            .collect::<Vec<Result<Option<R>, DistillError>>>();
+        let results = tokio::select! {
+            r = work => r,
+            () = batch_progress => Vec::new(),
+        };
         let mut out = Vec::with_capacity(results.len());
         let mut first_err = None;
         for r in results {
@@ -893,6 +918,8 @@ fn report(ctx: &Ctx<'_>, run: &Run, started: Instant, counts: [usize; 3]) -> Val
             "cache_hits": s.cache_hits,
             "unanswered_before_restart": s.unanswered_before_restart,
             "retries": s.retries,
+            "batches_submitted": s.batches_submitted,
+            "batches_resumed": s.batches_resumed,
         },
         "tokens": {"input": s.input_tokens, "cached_input": s.cached_input_tokens, "output": s.output_tokens},
         "cost_usd": {"this_run": r(s.cost_usd) + 0.0, "earlier_runs": r(s.cost_before_usd) + 0.0, "total": r(s.cost_usd + s.cost_before_usd) + 0.0, "budget": ctx.t.budget_usd},
@@ -967,6 +994,13 @@ pub fn estimate(recipe: &Recipe, api_key: Option<String>) -> Result<Estimate, Di
         notes.push("rejected rows are made up for by further passes over more inputs".into());
     }
     let pricing = ctx.teacher.pricing();
+    if ctx.teacher.is_batch() {
+        let discount = pricing.price.as_ref().map_or(0.5, |p| p.batch_discount);
+        notes.push(format!(
+            "costs are at the batch price ({}% of the online price); answers arrive when the provider ends the batch, within 24 hours",
+            (discount * 100.0).round()
+        ));
+    }
     let mut est = Estimate {
         requests: 0,
         cached: 0,

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 /// Why a teacher request, or the teacher as a whole, failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TeacherError {
     /// An error retrying cannot fix: bad key, no access, unknown model, exhausted quota, a request
     /// the provider rejects.

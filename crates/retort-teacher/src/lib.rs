@@ -14,6 +14,7 @@
 //! does not stream tokens or call tools: one request, one complete answer.
 
 mod anthropic;
+mod batch;
 mod completion;
 mod error;
 mod http;
@@ -27,6 +28,7 @@ mod request;
 mod store;
 mod teacher;
 
+pub use batch::{BatchOptions, BatchProgress};
 pub use completion::{Completion, Finish, Usage};
 pub use error::TeacherError;
 pub use http::{ApiKey, RetryCause};

@@ -120,6 +120,34 @@ impl Budget {
         Ok(())
     }
 
+    /// Reserves the longest prefix of `worst` that fits under the cap, as one reservation: how many
+    /// fit, the dollars reserved, and the refusal for the rest (if any was refused).
+    pub fn reserve_prefix(&self, worst: &[f64]) -> (usize, f64, Option<TeacherError>) {
+        let mut l = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sum = 0.0;
+        let mut fit = 0;
+        for w in worst {
+            if let Some(cap) = self.cap
+                && l.spent + l.reserved + sum + w > cap
+            {
+                let refusal =
+                    TeacherError::Budget { cap, spent: l.spent, reserved: l.reserved + sum, next: *w };
+                l.reserved += sum;
+                return (fit, sum, Some(refusal));
+            }
+            sum += w;
+            fit += 1;
+        }
+        l.reserved += sum;
+        (fit, sum, None)
+    }
+
+    /// Reserves `worst` dollars even past the cap: money an earlier run already committed (a
+    /// submitted batch), which later sends must leave room for.
+    pub fn commit(&self, worst: f64) {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner()).reserved += worst;
+    }
+
     /// Turns a reservation into the real cost (`None`: the request was never answered).
     pub fn settle(&self, worst: f64, actual: Option<f64>) {
         let mut l = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
@@ -183,5 +211,13 @@ mod tests {
         b.reserve(0.4).unwrap();
         b.settle(0.4, None);
         assert!((b.spent() - 0.6).abs() < 1e-12);
+        // A batch reserves the part of it that fits, and the rest is refused.
+        let (fit, reserved, refusal) = b.reserve_prefix(&[0.1, 0.2, 0.3]);
+        assert_eq!(fit, 2);
+        assert!((reserved - 0.3).abs() < 1e-12);
+        assert!(matches!(refusal, Some(TeacherError::Budget { .. })));
+        b.settle(reserved, Some(0.05));
+        assert!((b.spent() - 0.65).abs() < 1e-12);
+        assert_eq!(Budget::new(None, 0.0).reserve_prefix(&[1e9, 1e9]).0, 2);
     }
 }

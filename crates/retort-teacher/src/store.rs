@@ -2,17 +2,20 @@
 //!
 //! A request is journaled (`sent`) before it goes out and its answer (`done`) as soon as it arrives,
 //! each as one `write` of a whole line, so a `kill -9` at any moment loses nothing that was answered
-//! and written (the kernel keeps the written page even when the process dies). The file is fsynced a
-//! few times a second and when the run ends, so a power loss costs at most the last fraction of a
-//! second of answers, which are then asked again. A torn last line from a crash is cut off on open.
+//! and written (the kernel keeps the written page even when the process dies). A background thread
+//! fsyncs the file a few times a second (an fsync never stalls the requests in flight), and it is
+//! fsynced when the run ends and whenever a provider batch is journaled, so a power loss costs at
+//! most the last fraction of a second of answers, which are then asked again. A torn last line from
+//! a crash is cut off on open.
 //! Keys are hashes of requests ([`crate::ChatRequest::key`]); nothing here ever holds an API key.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -53,8 +56,31 @@ pub enum Record {
 
 struct Inner {
     file: File,
-    last_sync: Instant,
-    dirty: bool,
+}
+
+/// What the background fsync thread shares with the store.
+#[derive(Default)]
+struct SyncState {
+    dirty: AtomicBool,
+    stop: AtomicBool,
+    error: Mutex<Option<String>>,
+}
+
+/// Fsyncs a clone of the journal's handle every [`SYNC_EVERY`] while there are unsynced writes.
+fn spawn_syncer(file: File, state: Arc<SyncState>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("retort-journal-sync".into()).spawn(move || {
+        loop {
+            std::thread::park_timeout(SYNC_EVERY);
+            if state.dirty.swap(false, Ordering::AcqRel)
+                && let Err(e) = file.sync_data()
+            {
+                *state.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+            }
+            if state.stop.load(Ordering::Acquire) {
+                return;
+            }
+        }
+    })
 }
 
 /// The cache and journal of one data directory.
@@ -65,6 +91,19 @@ pub struct Store {
     open_batches: Mutex<Vec<(String, Vec<String>)>>,
     unanswered_at_open: usize,
     spent_at_open: f64,
+    sync_state: Arc<SyncState>,
+    syncer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.sync_state.stop.store(true, Ordering::Release);
+        if let Some(h) = self.syncer.take() {
+            h.thread().unpark();
+            let _ = h.join();
+        }
+        let _ = self.sync();
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -129,9 +168,16 @@ impl Store {
             file.seek(SeekFrom::End(0)).map_err(|e| err(format!("cannot seek: {e}")))?;
         }
         let spent_at_open = cache.values().map(|c| c.cost_usd).sum::<f64>() + 0.0;
+        let sync_state = Arc::new(SyncState::default());
+        let handle =
+            file.try_clone().map_err(|e| err(format!("cannot open a second handle for fsync: {e}")))?;
+        let syncer = spawn_syncer(handle, sync_state.clone())
+            .map_err(|e| err(format!("cannot start the fsync thread: {e}")))?;
         Ok(Store {
+            sync_state,
+            syncer: Some(syncer),
             path: path.to_path_buf(),
-            inner: Mutex::new(Inner { file, last_sync: Instant::now(), dirty: false }),
+            inner: Mutex::new(Inner { file }),
             cache: Mutex::new(cache),
             open_batches: Mutex::new(batches),
             unanswered_at_open: sent.len(),
@@ -184,14 +230,12 @@ impl Store {
         let err = |message: String| TeacherError::Journal { path: self.path.clone(), message };
         let mut line = serde_json::to_string(record).map_err(|e| err(format!("cannot encode: {e}")))?;
         line.push('\n');
+        if let Some(e) = self.sync_state.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return Err(err(format!("cannot fsync: {e}")));
+        }
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.file.write_all(line.as_bytes()).map_err(|e| err(format!("cannot write: {e}")))?;
-        inner.dirty = true;
-        if inner.last_sync.elapsed() >= SYNC_EVERY {
-            inner.file.sync_data().map_err(|e| err(format!("cannot fsync: {e}")))?;
-            inner.last_sync = Instant::now();
-            inner.dirty = false;
-        }
+        self.sync_state.dirty.store(true, Ordering::Release);
         drop(inner);
         match record {
             Record::Done { key, c } => {
@@ -220,16 +264,13 @@ impl Store {
 
     /// Forces everything written to disk.
     pub fn sync(&self) -> Result<(), TeacherError> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.dirty {
-            inner.file.sync_data().map_err(|e| TeacherError::Journal {
-                path: self.path.clone(),
-                message: format!("cannot fsync: {e}"),
-            })?;
-            inner.dirty = false;
-            inner.last_sync = Instant::now();
-        }
-        Ok(())
+        // Always fsync: the background thread may have taken the dirty flag and still be syncing.
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        self.sync_state.dirty.store(false, Ordering::Release);
+        inner.file.sync_data().map_err(|e| TeacherError::Journal {
+            path: self.path.clone(),
+            message: format!("cannot fsync: {e}"),
+        })
     }
 }
 

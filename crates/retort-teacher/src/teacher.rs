@@ -9,6 +9,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::anthropic::Anthropic;
+use crate::batch::{BatchOptions, BatchProgress, Batcher};
 use crate::completion::Completion;
 use crate::error::TeacherError;
 use crate::http::{ApiKey, Failure, RetryCause, build_client};
@@ -35,7 +36,7 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    fn delay(&self, attempt: u32, seed: u64) -> Duration {
+    pub(crate) fn delay(&self, attempt: u32, seed: u64) -> Duration {
         let exp = self.base.as_secs_f64() * 2f64.powi(attempt.saturating_sub(1).min(30) as i32);
         let capped = exp.min(self.max.as_secs_f64());
         let jitter = 0.5 + 0.5 * (splitmix(seed ^ u64::from(attempt)) >> 11) as f64 / (1u64 << 53) as f64;
@@ -52,7 +53,7 @@ pub fn splitmix(mut x: u64) -> u64 {
 }
 
 #[derive(Debug)]
-enum Backend {
+pub(crate) enum Backend {
     OpenAi(OpenAi),
     Anthropic(Anthropic),
     Replay(Replay),
@@ -79,6 +80,10 @@ pub struct Stats {
     pub cost_usd: f64,
     /// Dollars spent by earlier runs of this data directory.
     pub cost_before_usd: f64,
+    /// Provider batches submitted in this run.
+    pub batches_submitted: u64,
+    /// Provider batches an earlier run submitted that this run polled for their results.
+    pub batches_resumed: u64,
 }
 
 /// What the teacher said, and whether it came from the cache.
@@ -97,20 +102,23 @@ pub struct Answer {
 pub struct Options {
     /// Retry delays.
     pub backoff: Backoff,
+    /// Batch mode: how long to gather requests, how often to poll, batch size limits.
+    pub batch: BatchOptions,
 }
 
 /// A teacher ready to answer requests.
 pub struct Teacher {
-    backend: Backend,
+    pub(crate) backend: Backend,
     provider: Provider,
-    model: String,
-    max_retries: u32,
-    stall_timeout: Duration,
-    backoff: Backoff,
-    pricing: Pricing,
+    pub(crate) model: String,
+    pub(crate) max_retries: u32,
+    pub(crate) stall_timeout: Duration,
+    pub(crate) backoff: Backoff,
+    pub(crate) pricing: Pricing,
     limiter: Limiter,
-    store: Arc<Store>,
-    budget: Budget,
+    pub(crate) store: Arc<Store>,
+    pub(crate) budget: Budget,
+    batcher: Option<Batcher>,
     stats: Mutex<Stats>,
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     last_success: Mutex<Instant>,
@@ -136,13 +144,10 @@ impl Teacher {
         store: Arc<Store>,
         options: Options,
     ) -> Result<Teacher, TeacherError> {
-        // Provider batch APIs are not implemented yet: requests go online and are priced in full.
-        let pricing = Pricing::resolve(t.provider, &t.model, t.price.as_ref(), false, t.budget_usd)?;
-        if t.batch {
-            tracing::warn!(
-                "`teacher.batch = true`: retort does not use batch APIs yet; requests are sent online at the full price"
-            );
-        }
+        // The recipe check refuses `batch` for providers without a batch API; were it set anyway,
+        // requests go online and are priced in full.
+        let batch = t.batch && t.provider.has_batch_api();
+        let pricing = Pricing::resolve(t.provider, &t.model, t.price.as_ref(), batch, t.budget_usd)?;
         let key = api_key.filter(|k| !k.is_empty()).map(ApiKey::new);
         let key_env = t.api_key_env.clone();
         let base_url = || {
@@ -200,7 +205,9 @@ impl Teacher {
             cost_before_usd: store.spent_at_open(),
             ..Stats::default()
         };
+        let batcher = batch.then(|| Batcher::new(options.batch.clone(), store.open_batches()));
         Ok(Teacher {
+            batcher,
             backend,
             provider: t.provider,
             model: t.model.clone(),
@@ -257,10 +264,23 @@ impl Teacher {
     /// error that ends the run, so no more money is spent on it.
     pub fn halt(&self) {
         self.halted.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(b) = &self.batcher {
+            b.wake();
+        }
     }
 
-    fn is_halted(&self) -> bool {
+    pub(crate) fn is_halted(&self) -> bool {
         self.halted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// True when requests go through the provider's batch API.
+    pub fn is_batch(&self) -> bool {
+        self.batcher.is_some()
+    }
+
+    /// Batch mode: where the provider batches in flight stand, updated at every poll.
+    pub fn batch_progress(&self) -> Option<tokio::sync::watch::Receiver<BatchProgress>> {
+        self.batcher.as_ref().map(Batcher::subscribe)
     }
 
     /// The counters so far.
@@ -268,7 +288,7 @@ impl Teacher {
         self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn stat(&self, f: impl FnOnce(&mut Stats)) {
+    pub(crate) fn stat(&self, f: impl FnOnce(&mut Stats)) {
         f(&mut self.stats.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
@@ -286,6 +306,9 @@ impl Teacher {
         if let Some(c) = self.store.get(&key) {
             self.stat(|s| s.cache_hits += 1);
             return Ok(Answer { key, completion: c, cached: true });
+        }
+        if let Some(b) = &self.batcher {
+            return self.ask_batched(b, req, &key).await;
         }
         let gate = {
             let mut m = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
@@ -391,7 +414,7 @@ impl Teacher {
     }
 }
 
-fn retry_delay(h: &RateHeaders, cause: RetryCause, backoff: Duration) -> Duration {
+pub(crate) fn retry_delay(h: &RateHeaders, cause: RetryCause, backoff: Duration) -> Duration {
     match (h.retry_after, cause) {
         (Some(d), _) => d,
         (None, RetryCause::RateLimit) => backoff.max(h.reset_requests.unwrap_or_default()),
@@ -399,7 +422,7 @@ fn retry_delay(h: &RateHeaders, cause: RetryCause, backoff: Duration) -> Duratio
     }
 }
 
-fn humanize(d: Duration) -> String {
+pub(crate) fn humanize(d: Duration) -> String {
     let s = d.as_secs();
     if s >= 120 { format!("{} minutes", s / 60) } else { format!("{}s", s.max(1)) }
 }

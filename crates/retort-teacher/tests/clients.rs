@@ -38,8 +38,10 @@ fn settings(provider: Provider, url: &str) -> Settings {
 
 fn teacher(s: &Settings, dir: &std::path::Path) -> Teacher {
     let store = Arc::new(Store::open(&dir.join("journal.jsonl")).unwrap());
-    let options =
-        Options { backoff: Backoff { base: Duration::from_millis(1), max: Duration::from_millis(5) } };
+    let options = Options {
+        backoff: Backoff { base: Duration::from_millis(1), max: Duration::from_millis(5) },
+        ..Options::default()
+    };
     Teacher::new(s, Some(KEY.into()), store, options).unwrap()
 }
 

@@ -5,8 +5,11 @@
 //! truncated bodies, malformed JSON, cut-off answers and refusals. What it plays is decided per
 //! request by a script; every answer is logged so tests can prove nothing was paid twice.
 
+mod batch;
+
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,6 +69,11 @@ pub enum Behavior {
 /// Decides each answer.
 pub type Script = Arc<dyn Fn(&MockRequest) -> Behavior + Send + Sync>;
 
+/// Decides, for a request in a provider batch, whether the batch expires before running it.
+pub type Expire = Arc<dyn Fn(&MockRequest) -> bool + Send + Sync>;
+
+pub use batch::MockBatch;
+
 /// One answered request in the log.
 #[derive(Debug, Clone)]
 pub struct Logged {
@@ -87,6 +95,8 @@ struct State {
     arrivals: VecDeque<Instant>,
     max_per_minute: usize,
     rejected_rpm: u64,
+    batches: Vec<batch::Stored>,
+    files: HashMap<String, Vec<u8>>,
 }
 
 /// Settings of a mock server.
@@ -100,6 +110,13 @@ pub struct MockConfig {
     pub rpm_limit: Option<usize>,
     /// Answers sent with every response: OpenAI-style rate-limit headers.
     pub extra_headers: Vec<(String, String)>,
+    /// Provider batches: polls answered "in progress" before a batch ends.
+    pub batch_polls: u32,
+    /// Provider batches: while this holds `true`, no batch ends.
+    pub batch_hold: Option<Arc<AtomicBool>>,
+    /// Provider batches: requests for which this returns true are left unrun, and the batch ends
+    /// as expired (with the answers of the others).
+    pub batch_expire: Option<Expire>,
 }
 
 impl MockConfig {
@@ -110,6 +127,9 @@ impl MockConfig {
             latency: Duration::ZERO,
             rpm_limit: None,
             extra_headers: Vec::new(),
+            batch_polls: 1,
+            batch_hold: None,
+            batch_expire: None,
         }
     }
 
@@ -120,6 +140,9 @@ impl MockConfig {
             latency: Duration::ZERO,
             rpm_limit: None,
             extra_headers: Vec::new(),
+            batch_polls: 1,
+            batch_hold: None,
+            batch_expire: None,
         }
     }
 }
@@ -165,6 +188,32 @@ impl MockServer {
     /// Every response sent, in order.
     pub fn log(&self) -> Vec<Logged> {
         self.lock().log.clone()
+    }
+
+    /// Every provider batch created, in order.
+    pub fn batches(&self) -> Vec<MockBatch> {
+        self.lock().batches.iter().map(batch::Stored::view).collect()
+    }
+
+    /// Blocks until `pred(batches created so far)` holds (woken by each create and poll), or
+    /// `limit` passes; returns whether it held.
+    pub fn wait_batches(&self, limit: Duration, pred: impl Fn(&[MockBatch]) -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut st = self.lock();
+        loop {
+            let views: Vec<MockBatch> = st.batches.iter().map(batch::Stored::view).collect();
+            if pred(&views) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = match self.shared.changed.wait_timeout(st, deadline - now) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
     }
 
     /// Requests waiting for an answer right now.
@@ -213,7 +262,7 @@ impl Drop for MockServer {
     }
 }
 
-fn last_user(api: Api, body: &Value) -> (String, String) {
+pub(crate) fn last_user(api: Api, body: &Value) -> (String, String) {
     let text = |c: &Value| -> String {
         match c {
             Value::String(s) => s.clone(),
@@ -233,7 +282,7 @@ fn last_user(api: Api, body: &Value) -> (String, String) {
     (user, system)
 }
 
-fn answer_body(api: Api, content: &str, finish: &str, req_bytes: usize) -> Value {
+pub(crate) fn answer_body(api: Api, content: &str, finish: &str, req_bytes: usize) -> Value {
     let input = (req_bytes / 4) as u64;
     let output = (content.len() / 4 + 1) as u64;
     match api {
@@ -258,7 +307,7 @@ fn answer_body(api: Api, content: &str, finish: &str, req_bytes: usize) -> Value
     }
 }
 
-fn refusal_body(api: Api, text: &str) -> Value {
+pub(crate) fn refusal_body(api: Api, text: &str) -> Value {
     match api {
         Api::OpenAi => json!({
             "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "refusal": text}, "finish_reason": "stop"}],
@@ -268,18 +317,27 @@ fn refusal_body(api: Api, text: &str) -> Value {
     }
 }
 
-fn error_body(api: Api, status: u16, message: &str) -> Value {
+pub(crate) fn error_body(api: Api, status: u16, message: &str) -> Value {
     match api {
         Api::OpenAi => {
             json!({"error": {"message": message, "type": "error", "code": if status == 429 { "rate_limit_exceeded" } else { "error" }}})
         }
         Api::Anthropic => {
-            json!({"type": "error", "error": {"type": if status == 529 { "overloaded_error" } else { "api_error" }, "message": message}})
+            let kind = match status {
+                400 => "invalid_request_error",
+                401 => "authentication_error",
+                403 => "permission_error",
+                404 => "not_found_error",
+                429 => "rate_limit_error",
+                529 => "overloaded_error",
+                _ => "api_error",
+            };
+            json!({"type": "error", "error": {"type": kind, "message": message}})
         }
     }
 }
 
-async fn write_response(
+pub(crate) async fn write_response(
     stream: &mut TcpStream,
     status: u16,
     body: &[u8],
@@ -298,15 +356,18 @@ async fn write_response(
     stream.write_all(&out).await
 }
 
-/// Reads one request: (path, headers, body). `None` at a clean end of the connection.
-async fn read_request(
-    reader: &mut BufReader<&mut TcpStream>,
-) -> std::io::Result<Option<(String, HashMap<String, String>, Vec<u8>)>> {
+/// One HTTP request: method, path, headers (lowercased names), body.
+type HttpRequest = (String, String, HashMap<String, String>, Vec<u8>);
+
+/// Reads one request. `None` at a clean end of the connection.
+async fn read_request(reader: &mut BufReader<&mut TcpStream>) -> std::io::Result<Option<HttpRequest>> {
     let mut line = String::new();
     if reader.read_line(&mut line).await? == 0 {
         return Ok(None);
     }
-    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let mut words = line.split_whitespace();
+    let method = words.next().unwrap_or("GET").to_string();
+    let path = words.next().unwrap_or("/").to_string();
     let mut headers = HashMap::new();
     loop {
         line.clear();
@@ -324,7 +385,7 @@ async fn read_request(
     let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
     let mut body = vec![0u8; len];
     reader.read_exact(&mut body).await?;
-    Ok(Some((path, headers, body)))
+    Ok(Some((method, path, headers, body)))
 }
 
 async fn serve(mut stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
@@ -339,7 +400,11 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()
             }
             r
         };
-        let Some((path, headers, body)) = req else { return Ok(()) };
+        let Some((method, path, headers, body)) = req else { return Ok(()) };
+        if let Some((status, reply)) = batch::route(&shared, &method, &path, &headers, &body) {
+            write_response(&mut stream, status, &reply, &[]).await?;
+            continue;
+        }
         let api = if path.ends_with("/chat/completions") {
             Api::OpenAi
         } else if path.ends_with("/messages") {
@@ -352,6 +417,7 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()
                     "responses": st.log.len(),
                     "max_per_minute": st.max_per_minute,
                     "rejected_rpm": st.rejected_rpm,
+                    "batches": st.batches.len(),
                 })
             };
             write_response(&mut stream, 200, b.to_string().as_bytes(), &[]).await?;
