@@ -1,0 +1,14 @@
+//! LoRA building blocks on top of `retort-model`'s linear layer: which projections get adapters (PEFT
+//! `target_modules` names, `all-linear`), how adapters are initialised (PEFT's: A Kaiming-uniform with
+//! a = sqrt(5), B zeros, DoRA magnitude = row norms of W), and PEFT adapter directories
+//! (`adapter_config.json` + `adapter_model.safetensors`) read and written so peft, vLLM and mistral.rs
+//! load them.
+//!
+//! The adapter forward pass itself lives in `retort_model::lora`, because the model's projections
+//! compute with it; training lives in `retort-train`.
+
+pub mod inject;
+pub mod peft;
+
+pub use inject::{AdapterSpec, LoraError, attach};
+pub use peft::{AdapterConfig, load_adapter, save_adapter};

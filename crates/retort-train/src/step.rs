@@ -1,0 +1,151 @@
+//! One optimizer step: forward and backward over the micro-batches of the step, gradients summed, the
+//! loss normalised by the label tokens of the whole step (so micro-batch 1 x accumulation 4 equals
+//! micro-batch 4 x accumulation 1), clipped by global norm, then AdamW on every adapter weight.
+
+use std::collections::BTreeMap;
+
+use retort_model::burn::module::Param;
+use retort_model::burn::tensor::Tensor;
+use retort_model::{Batch, Transformer};
+
+use crate::loss::{label_positions, nll_sum};
+use crate::optim::{AdamW, clip};
+
+/// A micro-batch: the model input and its labels (`[rows * len]`, -100 for none).
+#[derive(Debug, Clone)]
+pub struct MicroBatch {
+    /// Tokens, positions, padding and segments.
+    pub batch: Batch,
+    /// Labels, row-major, not shifted.
+    pub labels: Vec<i64>,
+}
+
+impl MicroBatch {
+    /// Label tokens that carry loss (after the one-token shift).
+    pub fn label_tokens(&self) -> usize {
+        label_positions(&self.labels, self.batch.rows, self.batch.len).0.len()
+    }
+}
+
+/// What a step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean loss per label token over the step.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Label tokens of the step.
+    pub label_tokens: usize,
+    /// False when the loss or gradient was not finite: the adapters were left untouched.
+    pub applied: bool,
+}
+
+/// The names of a projection's adapter weights (the PEFT keys without `base_model.model.`).
+pub fn param_names(path: &str) -> [String; 3] {
+    [
+        format!("{path}.lora_A.weight"),
+        format!("{path}.lora_B.weight"),
+        format!("{path}.lora_magnitude_vector"),
+    ]
+}
+
+/// Loss and summed gradients of a step's micro-batches, by parameter name (flattened, on the inner
+/// device). The loss of each micro-batch is divided by the label tokens of the whole step.
+pub fn gradients(
+    model: &Transformer,
+    micro: &[MicroBatch],
+    seed: u64,
+) -> (f64, usize, BTreeMap<String, Tensor<1>>) {
+    let total: usize = micro.iter().map(MicroBatch::label_tokens).sum();
+    let mut grads: BTreeMap<String, Tensor<1>> = BTreeMap::new();
+    let mut loss_sum = 0f64;
+    if total == 0 {
+        return (0.0, 0, grads);
+    }
+    for (i, mb) in micro.iter().enumerate() {
+        model.device().seed(seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
+        let hidden = model.hidden_train(&mb.batch);
+        let Some(nll) = nll_sum(model, hidden, &mb.labels) else { continue };
+        let loss = nll.div_scalar(total as f64);
+        let value: f32 = loss.clone().into_scalar();
+        loss_sum += f64::from(value);
+        let g = loss.backward();
+        model.visit_linears(&mut |site, lin| {
+            let Some(l) = &lin.lora else { return };
+            let [na, nb, nm] = param_names(&site.path);
+            let mut add = |name: String, grad: Option<Tensor<1>>| {
+                if let Some(grad) = grad {
+                    let grad = grad.inner();
+                    let acc = match grads.remove(&name) {
+                        Some(prev) => prev + grad,
+                        None => grad,
+                    };
+                    grads.insert(name, acc);
+                }
+            };
+            add(na, l.a.val().grad(&g).map(|t| t.reshape([-1])));
+            add(nb, l.b.val().grad(&g).map(|t| t.reshape([-1])));
+            if let Some(m) = &l.magnitude {
+                add(nm, m.val().grad(&g));
+            }
+        });
+    }
+    (loss_sum, total, grads)
+}
+
+/// Applies AdamW to every adapter weight that has a gradient.
+pub fn apply(
+    model: Transformer,
+    opt: &mut AdamW,
+    grads: &BTreeMap<String, Tensor<1>>,
+    lr: f64,
+) -> Transformer {
+    opt.begin_step();
+    let update2 = |name: &str, p: Param<Tensor<2>>, opt: &mut AdamW| -> Param<Tensor<2>> {
+        let Some(g) = grads.get(name) else { return p };
+        let (id, t, mapper) = p.consume();
+        let shape = t.dims();
+        let flat = t.inner().reshape([-1]);
+        let new = opt.update(name, flat, g.clone(), lr).reshape(shape);
+        Param::from_mapped_value(id, Tensor::from_inner(new).require_grad(), mapper)
+    };
+    let update1 = |name: &str, p: Param<Tensor<1>>, opt: &mut AdamW| -> Param<Tensor<1>> {
+        let Some(g) = grads.get(name) else { return p };
+        let (id, t, mapper) = p.consume();
+        let new = opt.update(name, t.inner(), g.clone(), lr);
+        Param::from_mapped_value(id, Tensor::from_inner(new).require_grad(), mapper)
+    };
+    model.map_linears(&mut |site, mut lin| {
+        if let Some(mut l) = lin.lora.take() {
+            let [na, nb, nm] = param_names(&site.path);
+            l.a = update2(&na, l.a, opt);
+            l.b = update2(&nb, l.b, opt);
+            l.magnitude = l.magnitude.map(|m| update1(&nm, m, opt));
+            lin.lora = Some(l);
+        }
+        lin
+    })
+}
+
+/// Runs the step. `model` must live on an autodiff device with trainable adapters. `seed` makes
+/// adapter dropout deterministic (each micro-batch reseeds the device from it), so a resumed run
+/// repeats the same computation. A step whose loss or gradient is not finite changes nothing.
+pub fn train_step(
+    model: Transformer,
+    opt: &mut AdamW,
+    micro: &[MicroBatch],
+    lr: f64,
+    max_grad_norm: f64,
+    seed: u64,
+) -> (Transformer, StepStats) {
+    let (loss, total, mut grads) = gradients(&model, micro, seed);
+    if total == 0 {
+        return (model, StepStats { loss: 0.0, grad_norm: 0.0, label_tokens: 0, applied: false });
+    }
+    let grad_norm = clip(&mut grads, max_grad_norm);
+    if !loss.is_finite() || !grad_norm.is_finite() {
+        return (model, StepStats { loss, grad_norm, label_tokens: total, applied: false });
+    }
+    let model = apply(model, opt, &grads, lr);
+    (model, StepStats { loss, grad_norm, label_tokens: total, applied: true })
+}

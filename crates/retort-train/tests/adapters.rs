@@ -1,0 +1,197 @@
+//! Adapter behaviour around training: PEFT's logits with a saved adapter equal ours, our saved adapter
+//! reloads to the same weights under PEFT's key names, gradient accumulation is exact, base weights
+//! never change, and a step with a non-finite loss changes nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
+
+use std::path::{Path, PathBuf};
+
+use retort_hf::Checkpoint;
+use retort_model::burn::tensor::{DType, Device};
+use retort_model::{Batch, Precision, Transformer};
+use retort_recipe::schema::lora::{Target, Variant};
+use retort_train::{AdamW, AdamWConfig, MicroBatch, train_step};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn base() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../retort-model/tests/fixtures/llama")
+}
+
+fn load(device: &Device) -> Transformer {
+    Transformer::load(&base(), Precision::F32, device).unwrap().0
+}
+
+fn opt() -> AdamW {
+    AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 })
+}
+
+#[test]
+fn peft_logits_with_the_saved_adapter_equal_ours() {
+    for variant in ["lora", "rslora", "dora"] {
+        let (m, cfg) =
+            retort_lora::load_adapter(load(&Device::flex()), &fixtures().join(variant).join("initial"))
+                .unwrap();
+        assert_eq!((cfg.r, cfg.lora_alpha), (4, 8.0));
+        let exp = Checkpoint::open_files(&[fixtures().join(variant).join("expected.safetensors")]).unwrap();
+        let want = exp.get("logits_initial").unwrap().to_f32().unwrap();
+        let ids = [1, 17, 45, 200, 3, 99, 150, 7, 64, 31, 255, 12];
+        let got: Vec<f32> =
+            m.forward(&Batch::single(&ids), None).cast(DType::F32).into_data().try_into_vec().unwrap();
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs() - 1e-4 * (1.0 + b.abs()))
+            .fold(f32::MIN, f32::max);
+        assert!(worst <= 0.0, "{variant}: logits with the adapter differ from PEFT's");
+    }
+}
+
+#[test]
+fn saved_adapters_reload_exactly_with_peft_names() {
+    let (m, cfg) =
+        retort_lora::load_adapter(load(&Device::flex()), &fixtures().join("dora").join("initial")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    retort_lora::save_adapter(&m, &cfg, dir.path()).unwrap();
+    let ours = Checkpoint::open_files(&[dir.path().join("adapter_model.safetensors")]).unwrap();
+    let theirs =
+        Checkpoint::open_files(&[fixtures().join("dora/initial/adapter_model.safetensors")]).unwrap();
+    assert_eq!(
+        ours.names().collect::<Vec<_>>(),
+        theirs.names().collect::<Vec<_>>(),
+        "same keys as PEFT writes"
+    );
+    for n in theirs.names() {
+        assert_eq!(ours.get(n).unwrap().to_f32().unwrap(), theirs.get(n).unwrap().to_f32().unwrap(), "{n}");
+        assert_eq!(ours.get(n).unwrap().shape, theirs.get(n).unwrap().shape, "{n}");
+    }
+    let cfg2: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg2["peft_type"], "LORA");
+    assert_eq!(cfg2["use_dora"], true);
+    // And it loads back.
+    retort_lora::load_adapter(load(&Device::flex()), dir.path()).unwrap();
+}
+
+#[test]
+fn an_adapter_for_another_base_is_refused_with_the_tensor_named() {
+    let qwen3 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../retort-model/tests/fixtures/qwen3");
+    let (m, _) = Transformer::load(&qwen3, Precision::F32, &Device::flex()).unwrap();
+    let e = retort_lora::load_adapter(m, &fixtures().join("lora").join("initial")).unwrap_err().to_string();
+    assert!(e.contains("lora_A.weight") && e.contains("another base model"), "{e}");
+}
+
+fn rows() -> Vec<(Vec<u32>, Vec<i64>)> {
+    (0..4u32)
+        .map(|r| {
+            let ids: Vec<u32> = (0..10).map(|i| (r * 31 + i * 7 + 1) % 256).collect();
+            let labels = ids
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| if i >= 4 + r as usize { i64::from(t) } else { -100 })
+                .collect();
+            (ids, labels)
+        })
+        .collect()
+}
+
+fn micro(rows: &[(Vec<u32>, Vec<i64>)]) -> MicroBatch {
+    let len = rows[0].0.len();
+    MicroBatch {
+        batch: Batch {
+            rows: rows.len(),
+            len,
+            ids: rows.iter().flat_map(|r| r.0.clone()).collect(),
+            positions: rows.iter().flat_map(|_| 0..len).collect(),
+            valid: vec![true; rows.len() * len],
+            segments: vec![0; rows.len() * len],
+        },
+        labels: rows.iter().flat_map(|r| r.1.clone()).collect(),
+    }
+}
+
+fn adapters(m: &Transformer) -> Vec<f32> {
+    let mut out = Vec::new();
+    m.visit_linears(&mut |_, l| {
+        if let Some(l) = &l.lora {
+            out.extend(l.a.val().inner().reshape([-1]).into_data().try_into_vec::<f32>().unwrap());
+            out.extend(l.b.val().inner().reshape([-1]).into_data().try_into_vec::<f32>().unwrap());
+        }
+    });
+    out
+}
+
+fn fresh(seed: u64) -> Transformer {
+    let spec = retort_lora::AdapterSpec {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: vec![Target::AllLinear],
+        variant: Variant::Lora,
+    };
+    retort_lora::attach(load(&Device::flex().autodiff()), &spec, seed).unwrap()
+}
+
+#[test]
+fn accumulation_of_one_row_four_times_equals_one_batch_of_four() {
+    // The 2024 gradient-accumulation bug: averaging per micro-batch weights short rows up. Here the
+    // rows have 6, 5, 4 and 3 label tokens; both ways must give the same step.
+    let rows = rows();
+    let (a, sa) = train_step(fresh(1), &mut opt(), &[micro(&rows)], 1e-2, 1.0, 0);
+    let singles: Vec<MicroBatch> = rows.iter().map(|r| micro(std::slice::from_ref(r))).collect();
+    let (b, sb) = train_step(fresh(1), &mut opt(), &singles, 1e-2, 1.0, 0);
+    assert!((sa.loss - sb.loss).abs() < 1e-6, "{} vs {}", sa.loss, sb.loss);
+    assert!((sa.grad_norm - sb.grad_norm).abs() < 1e-5 * sa.grad_norm);
+    assert_eq!(sa.label_tokens, 18);
+    let worst = adapters(&a).iter().zip(adapters(&b)).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-6, "adapters differ by {worst}");
+}
+
+#[test]
+fn base_weights_never_change_and_bad_steps_change_nothing() {
+    let base_weights = |m: &Transformer| -> Vec<f32> {
+        let mut out: Vec<f32> = m.embed.val().inner().reshape([-1]).into_data().try_into_vec().unwrap();
+        m.visit_linears(&mut |_, l| {
+            out.extend(l.weight.val().inner().reshape([-1]).into_data().try_into_vec::<f32>().unwrap())
+        });
+        out
+    };
+    let m = fresh(2);
+    let before = base_weights(&m);
+    let mut o = opt();
+    let (m, s) = train_step(m, &mut o, &[micro(&rows())], 1e-1, 1.0, 0);
+    assert!(s.applied);
+    assert_eq!(base_weights(&m), before, "frozen weights are bit-identical after a step");
+    // Only adapter weights got gradients.
+    let (_, _, grads) = retort_train::step::gradients(&m, &[micro(&rows())], 0);
+    assert!(grads.keys().all(|k| k.contains(".lora_")), "{:?}", grads.keys().next());
+
+    // A non-finite loss: the step is skipped and nothing moves.
+    let ad_before = adapters(&m);
+    let poisoned = m.map_linears(&mut |site, mut lin| {
+        if site.layer == 0
+            && site.target == "q_proj"
+            && let Some(l) = &mut lin.lora
+        {
+            let (id, t, mapper) = l.b.clone().consume();
+            let nan = t.inner().mul_scalar(f64::NAN);
+            l.b = retort_model::burn::module::Param::from_mapped_value(
+                id,
+                retort_model::burn::tensor::Tensor::from_inner(nan).require_grad(),
+                mapper,
+            );
+        }
+        lin
+    });
+    let step_before = o.step;
+    let (after, s) = train_step(poisoned, &mut o, &[micro(&rows())], 1e-1, 1.0, 0);
+    assert!(!s.applied && !s.loss.is_finite());
+    assert_eq!(o.step, step_before, "the optimizer did not step");
+    let ad_after = adapters(&after);
+    assert_eq!(ad_after.len(), ad_before.len());
+    for (i, (x, y)) in ad_after.iter().zip(&ad_before).enumerate() {
+        assert!(x == y || (x.is_nan()), "adapter value {i} changed on a skipped step");
+    }
+}
