@@ -7,6 +7,7 @@
 
 pub mod loss;
 pub mod optim;
+pub mod schedule;
 pub mod step;
 
 pub use optim::{AdamW, AdamWConfig};
