@@ -18,7 +18,7 @@
 //!
 //! `upto` must start with `prefix`, and the full text must start with `upto`; otherwise the template
 //! rewrites earlier text once later turns are added (Qwen3 drops the reasoning of earlier turns,
-//! Mistral moves the system prompt into the last user turn) and the answer cannot be located without
+//! Mistral Nemo moves the system prompt into the last user turn) and the answer cannot be located without
 //! guessing, so [`encode`] fails and names the turn. One allowance: a template that closes a finished
 //! conversation with the EOS token (Phi-3) writes it after the last message only, so an earlier turn
 //! ends where that EOS would begin.
@@ -77,9 +77,10 @@ pub enum ExampleError {
         /// 1-based number of the assistant turn.
         turn: usize,
     },
-    /// The template's generation prompt is not how it begins the assistant's turn.
+    /// The template renders the messages before an assistant turn differently once the turn follows
+    /// them (or its generation prompt is not how it begins the turn).
     #[error(
-        "the chat template's generation prompt is not how it begins `messages[{index}]` (assistant turn {turn})"
+        "the chat template renders the messages before `messages[{index}]` (assistant turn {turn}) differently once that answer follows them, so the answer cannot be located in the training text"
     )]
     PromptMismatch {
         /// 0-based index of the message.
@@ -114,8 +115,10 @@ impl ExampleError {
             }
             ExampleError::Template(_) => "the model's chat template cannot render this row".into(),
             ExampleError::Rewrites { .. } | ExampleError::PromptMismatch { .. } => {
-                "keep one assistant answer per row (split multi-turn rows), or train on every token with \
-                 `train.loss_on = \"all\"`"
+                "the template changes earlier text as the conversation grows (Qwen3 drops the reasoning of \
+                 earlier turns; Mistral Nemo moves the system prompt into the last user turn and drops it when \
+                 an answer ends the conversation): keep one assistant answer per row and put instructions in \
+                 the user message, or train on every token with `train.loss_on = \"all\"`"
                     .into()
             }
             ExampleError::Tokenizer(_) => "check the tokenizer files of the base model".into(),
