@@ -2,13 +2,14 @@
 //! them (byte for byte, tested against transformers on the real templates of Llama 3.x, Qwen2.5,
 //! Qwen3, Phi-3.5, Gemma 2, Mistral Nemo and Devstral), and the training data built from them:
 //! dataset files read into conversations ([`dataset`]), token ids with loss labels on the assistant
-//! turns ([`labels`]), and packed, padded rows ([`pack`]); [`prepare`] runs all three for one file.
+//! turns ([`labels`]), and packed, padded rows ([`pack`]).
 //!
 //! It does not run models (`retort-model`) and holds no tensors: rows are plain vectors the trainer
 //! turns into tensors.
 
 pub mod dataset;
 pub mod labels;
+pub mod pack;
 pub mod pyjson;
 pub mod report;
 pub mod template;
@@ -16,6 +17,7 @@ pub mod tokenizer;
 
 pub use dataset::{Conversation, DataError, Message, ReadReport, Role, RowError, read_jsonl};
 pub use labels::{Example, ExampleError, IGNORE, encode};
+pub use pack::{PackReport, Row, TrainBatch, build_rows, collate, shuffle};
 pub use report::{Reason, Skipped, Skips, Tally};
 pub use template::{ChatTemplate, RenderOptions, TemplateError};
 pub use tokenizer::{Tokenizer, TokenizerError};
