@@ -8,6 +8,7 @@
 //! turns into tensors.
 
 pub mod dataset;
+mod formats;
 pub mod labels;
 pub mod pack;
 pub mod pyjson;
@@ -15,7 +16,7 @@ pub mod report;
 pub mod template;
 pub mod tokenizer;
 
-pub use dataset::{Conversation, DataError, Message, ReadReport, Role, RowError, read_jsonl};
+pub use dataset::{Conversation, DataError, JsonlRows, Message, ReadReport, Role, RowError, read_jsonl};
 pub use labels::{Example, ExampleError, IGNORE, encode};
 pub use pack::{PackReport, Row, TrainBatch, build_rows, collate, shuffle};
 pub use report::{Reason, Skipped, Skips, Tally};
