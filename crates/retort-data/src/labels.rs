@@ -21,7 +21,7 @@
 //! Mistral Nemo moves the system prompt into the last user turn) and the answer cannot be located without
 //! guessing, so [`encode`] fails and names the turn. One allowance: a template that closes a finished
 //! conversation with the EOS token (Phi-3) writes it after the last message only, so an earlier turn
-//! ends where that EOS would begin.
+//! ends where that EOS would begin (the EOS is learned once, at the end of the final turn).
 //!
 //! A token is labelled when its start offset falls inside a span. Labels equal the ids there and are
 //! `-100` elsewhere; they are not shifted (the trainer shifts). With `loss_on = "all"` every token is
@@ -153,7 +153,8 @@ pub fn assistant_spans(
         let turn = spans.len() + 1;
         let prefix = template.render(&messages[..index], &options(conv, tok, true))?;
         let upto = template.render(&messages[..=index], &options(conv, tok, false))?;
-        if !upto.starts_with(&prefix) {
+        let after_last = spans.last().is_none_or(|s: &Range<usize>| s.end <= prefix.len());
+        if !upto.starts_with(&prefix) || !after_last {
             return Err(ExampleError::PromptMismatch { index, turn });
         }
         let end = if full.starts_with(&upto) {

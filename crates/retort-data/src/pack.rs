@@ -213,12 +213,10 @@ impl TrainBatch {
     /// Tokens that carry loss after the trainer's one-token shift (a label at position 0 of a row
     /// has nothing before it to predict it).
     pub fn label_tokens(&self) -> usize {
-        (0..self.rows)
-            .map(|r| {
-                let row = &self.labels[r * self.len..(r + 1) * self.len];
-                row.iter().skip(1).filter(|&&l| l != IGNORE).count()
-            })
-            .sum()
+        if self.len == 0 {
+            return 0;
+        }
+        self.labels.chunks(self.len).map(|row| row.iter().skip(1).filter(|&&l| l != IGNORE).count()).sum()
     }
 }
 
