@@ -55,7 +55,8 @@ mod tests {
         // transformers: get_cosine_schedule_with_warmup(opt, 3, 10) with lr 1e-3, factors for steps
         // 0..10: 0, 1/3, 2/3, then 0.5 (1 + cos(pi (s - 3) / 7)).
         let s = LrSchedule { lr: 1e-3, kind: Schedule::Cosine, warmup: 3, total: 10, min_ratio: 0.0 };
-        let expect = [0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0, 0.950484, 0.811745, 0.611260, 0.388740, 0.188255, 0.049516];
+        let expect =
+            [0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0, 0.950484, 0.811745, 0.611260, 0.388740, 0.188255, 0.049516];
         for (i, e) in expect.iter().enumerate() {
             assert!((s.at(i as u64) / 1e-3 - e).abs() < 1e-6, "step {i}: {}", s.at(i as u64) / 1e-3);
         }
