@@ -19,6 +19,14 @@ pub enum ModelError {
         /// What was found.
         report: retort_hf::LoadReport,
     },
+    /// A built-in model could not be written.
+    #[error("builtin:{name}: {message}")]
+    Builtin {
+        /// The built-in model.
+        name: String,
+        /// What went wrong.
+        message: String,
+    },
     /// An input the model cannot take.
     #[error("{0}")]
     Input(String),

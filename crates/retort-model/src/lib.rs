@@ -10,6 +10,7 @@
 
 pub mod attention;
 pub mod batch;
+pub mod builtin;
 pub mod device;
 pub mod dtype;
 pub mod error;

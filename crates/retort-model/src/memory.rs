@@ -7,7 +7,7 @@
 use retort_hf::ModelConfig;
 
 /// Bytes by category.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct MemoryEstimate {
     /// Frozen base weights.
     pub weights: f64,
