@@ -5,10 +5,14 @@
 //! The model and adapter math live in `retort-model`, adapter creation and PEFT files in
 //! `retort-lora`, datasets in `retort-data`.
 
+pub mod checkpoint;
 pub mod loss;
 pub mod optim;
+pub mod plot;
+pub mod run;
 pub mod schedule;
 pub mod step;
 
 pub use optim::{AdamW, AdamWConfig};
+pub use run::{Layout, Outcome, Plan, Report, Setup, TrainError, run};
 pub use step::{MicroBatch, StepStats, train_step};

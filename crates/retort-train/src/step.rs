@@ -49,6 +49,9 @@ pub fn param_names(path: &str) -> [String; 3] {
     ]
 }
 
+/// Serialises use of the backend's process-wide random source (see [`gradients`]).
+static DROPOUT_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Loss and summed gradients of a step's micro-batches, by parameter name (flattened, on the inner
 /// device). The loss of each micro-batch is divided by the label tokens of the whole step.
 pub fn gradients(
@@ -63,8 +66,14 @@ pub fn gradients(
         return (0.0, 0, grads);
     }
     for (i, mb) in micro.iter().enumerate() {
-        model.device().seed(seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
-        let hidden = model.hidden_train(&mb.batch);
+        // burn's random source is one per process, not per device or thread: hold it while seeding and
+        // drawing this micro-batch's dropout masks (all drawn in the forward), or two trainings in one
+        // process (tests, a service) interleave their draws and neither is reproducible.
+        let hidden = {
+            let _rng = DROPOUT_RNG.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            model.device().seed(seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
+            model.hidden_train(&mb.batch)
+        };
         let Some(nll) = nll_sum(model, hidden, &mb.labels) else { continue };
         let loss = nll.div_scalar(total as f64);
         let value: f32 = loss.clone().into_scalar();

@@ -1,0 +1,269 @@
+//! Whole runs on the built-in tiny model: the loss falls, the adapter lands where eval and export read
+//! it, a run stopped by a signal and resumed ends bit-for-bit where an uninterrupted run ends, a
+//! checkpoint from other settings is refused with the setting named, and a finished run is up to date.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use retort_model::Precision;
+use retort_model::burn::tensor::Device;
+use retort_train::{Outcome, Setup, TrainError};
+
+const LABELS: [&str; 3] = ["billing", "bug", "account"];
+const TOPICS: [&[&str]; 3] = [
+    &["I was charged twice", "my invoice is wrong", "refund my payment", "the card was billed"],
+    &["the app crashes", "error 500 on save", "the button does nothing", "it freezes on start"],
+    &["I cannot log in", "reset my password", "change my email", "delete my profile"],
+];
+
+fn rows(n: usize, offset: usize) -> String {
+    (0..n)
+        .map(|i| {
+            let k = (i + offset) % 3;
+            let text = TOPICS[k][(i / 3 + offset) % 4];
+            serde_json::json!({"messages": [
+                {"role": "system", "content": "Route the ticket."},
+                {"role": "user", "content": format!("{text} (#{i})")},
+                {"role": "assistant", "content": LABELS[k]},
+            ]})
+            .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
+struct Project {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    base: PathBuf,
+}
+
+fn project(extra: &str) -> Project {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let base = retort_model::builtin::materialize("tiny-llama", &root.join("base")).unwrap();
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    std::fs::write(root.join("data/train.jsonl"), rows(24, 0)).unwrap();
+    std::fs::write(root.join("data/val.jsonl"), rows(6, 1)).unwrap();
+    write_recipe(&root, &base, extra);
+    Project { _tmp: tmp, root, base }
+}
+
+fn write_recipe(root: &Path, base: &Path, extra: &str) {
+    let text = format!(
+        r#"
+[project]
+name = "t"
+seed = 7
+data_dir = "data"
+output_dir = "out"
+
+[base]
+model = "{}"
+dtype = "f32"
+
+[lora]
+r = 4
+alpha = 8
+dropout = 0.1
+
+[train]
+device = "cpu"
+max_steps = 8
+micro_batch_size = 2
+grad_accum = 2
+max_seq_len = 192
+lr = 3e-3
+warmup_steps = 1
+save_every = 3
+eval_every = 4
+"#,
+        base.display()
+    );
+    // `extra` lines replace the lines of the same keys.
+    let keys: Vec<&str> = extra.lines().filter_map(|l| l.split('=').next()).map(str::trim).collect();
+    let mut text: String = text
+        .lines()
+        .filter(|l| !keys.contains(&l.split('=').next().unwrap_or("").trim()))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    text.push_str(extra);
+    text.push('\n');
+    std::fs::write(root.join("recipe.toml"), text).unwrap();
+}
+
+fn recipe(p: &Project) -> retort_recipe::Recipe {
+    match retort_recipe::load(&p.root.join("recipe.toml")) {
+        Ok(l) => l.recipe,
+        Err(e) => panic!("{e:?}"),
+    }
+}
+
+fn setup(p: &Project, fresh: bool) -> Setup {
+    Setup {
+        base_dir: p.base.clone(),
+        base_name: "builtin:tiny-llama".into(),
+        device: Device::flex(),
+        gpu: false,
+        precision: Precision::F32,
+        fresh,
+    }
+}
+
+/// Progress that raises the stop flag once `after` steps are counted, as SIGTERM would.
+struct StopAfter {
+    after: u64,
+    seen: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl retort_io::Progress for StopAfter {
+    fn task(&self, _name: &str, _total: u64) -> Box<dyn retort_io::Task> {
+        Box::new(StopTask { after: self.after, seen: self.seen.clone(), stop: self.stop.clone() })
+    }
+}
+
+struct StopTask {
+    after: u64,
+    seen: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl retort_io::Task for StopTask {
+    fn inc(&self, n: u64) {
+        if self.seen.fetch_add(n, Ordering::SeqCst) + n >= self.after {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+    }
+    fn set_message(&self, _msg: &str) {}
+    fn finish(&self) {}
+}
+
+fn run(p: &Project, fresh: bool) -> Result<Outcome, TrainError> {
+    retort_train::run(&recipe(p), &setup(p, fresh), &retort_io::NoProgress, &AtomicBool::new(false))
+}
+
+fn metrics(p: &Project) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p.root.join("out/train/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn adapter_bytes(p: &Project) -> Vec<u8> {
+    std::fs::read(p.root.join("out/adapter/adapter_model.safetensors")).unwrap()
+}
+
+#[test]
+fn a_run_learns_and_writes_a_peft_adapter_where_eval_and_export_read_it() {
+    let p = project("max_steps = 16\nlr = 1e-2");
+    let Outcome::Finished(report) = run(&p, false).unwrap() else { panic!("not finished") };
+    assert_eq!(report.steps, 16);
+    assert_eq!(report.skipped_steps, 0);
+    let (first, last) = (report.first_loss.unwrap(), report.final_loss.unwrap());
+    let losses: Vec<f64> = metrics(&p).iter().filter_map(|v| v["loss"].as_f64()).collect();
+    // A random-init base learns slowly through rank-4 adapters: a fifth off in 16 steps is a clear fall.
+    assert!(last < first * 0.8, "loss fell from {first} only to {last}: {losses:?}");
+    let (_, best) = report.best_val.unwrap();
+    assert!(best < first, "validation loss {best} is not below the first training loss {first}");
+    // The adapter is a PEFT directory that loads back onto the base.
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.root.join("out/adapter/adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["base_model_name_or_path"], "builtin:tiny-llama");
+    let (base, _) = retort_model::Transformer::load(&p.base, Precision::F32, &Device::flex()).unwrap();
+    retort_lora::load_adapter(base, &p.root.join("out/adapter")).unwrap();
+    // One metrics line per step plus one per validation; the report and the plot exist.
+    let m = metrics(&p);
+    assert_eq!(m.iter().filter(|v| v.get("loss").is_some()).count(), 16);
+    assert_eq!(m.iter().filter(|v| v.get("val_loss").is_some()).count(), 4, "steps 4, 8, 12, 16");
+    assert!(p.root.join("out/train/report.json").is_file());
+    assert!(std::fs::read_to_string(p.root.join("out/train/loss.svg")).unwrap().contains("<path"));
+    // The learning rate followed warmup then cosine decay.
+    let lrs: Vec<f64> = m.iter().filter_map(|v| v["lr"].as_f64()).collect();
+    assert_eq!(lrs[0], 0.0);
+    assert!((lrs[1] - 1e-2).abs() < 1e-12);
+    assert!(lrs.windows(2).skip(1).all(|w| w[1] < w[0]));
+    // keep_last = 3 by default: only the newest checkpoints remain.
+    let steps: Vec<u64> =
+        retort_train::checkpoint::list(&p.root.join("out/train")).iter().map(|c| c.0).collect();
+    assert_eq!(steps, [12, 15, 16]);
+}
+
+#[test]
+fn a_stopped_run_resumes_to_the_same_bits_as_an_uninterrupted_one() {
+    let whole = project("");
+    let Outcome::Finished(_) = run(&whole, false).unwrap() else { panic!("not finished") };
+
+    let parts = project("");
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = StopAfter { after: 5, seen: Arc::new(AtomicU64::new(0)), stop: stop.clone() };
+    let out = retort_train::run(&recipe(&parts), &setup(&parts, false), &progress, &stop).unwrap();
+    let Outcome::Stopped { step, checkpoint, reason, .. } = out else { panic!("did not stop") };
+    assert_eq!((step, reason), (5, "signal"));
+    assert!(checkpoint.ends_with("step-000005"));
+    assert!(!parts.root.join("out/adapter").exists(), "no final adapter before the run finishes");
+    // Resume from step 5, which is mid-epoch (two examples packed per row: 12 rows, 2 x 2 per step, 3 steps per epoch).
+    let Outcome::Finished(report) = run(&parts, false).unwrap() else { panic!("not finished") };
+    assert_eq!(report.steps, 8);
+    let losses = |p: &Project| -> Vec<(u64, String)> {
+        metrics(p)
+            .iter()
+            .map(|v| (v["step"].as_u64().unwrap(), format!("{}|{}", v["loss"], v["val_loss"])))
+            .collect()
+    };
+    assert_eq!(losses(&whole), losses(&parts), "metrics differ (or steps were logged twice)");
+    assert!(adapter_bytes(&whole) == adapter_bytes(&parts), "resumed adapter differs");
+}
+
+#[test]
+fn other_settings_are_refused_by_name_and_fresh_starts_over() {
+    let p = project("");
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = StopAfter { after: 2, seen: Arc::new(AtomicU64::new(0)), stop: stop.clone() };
+    retort_train::run(&recipe(&p), &setup(&p, false), &progress, &stop).unwrap();
+    write_recipe(&p.root, &p.base, "weight_decay = 0.01");
+    let err = run(&p, false).unwrap_err();
+    let TrainError::Mismatch { diffs, .. } = &err else { panic!("{err}") };
+    assert_eq!(diffs.len(), 1);
+    assert_eq!(diffs[0].0, "train.weight_decay");
+    assert!(err.to_string().contains("train.weight_decay: 0.0 then, 0.01 now"), "{err}");
+    assert!(err.hint().contains("--fresh"));
+    // Changed data is refused too.
+    write_recipe(&p.root, &p.base, "");
+    std::fs::write(p.root.join("data/train.jsonl"), rows(25, 0)).unwrap();
+    let TrainError::Mismatch { diffs, .. } = run(&p, false).unwrap_err() else { panic!() };
+    assert_eq!(diffs[0].0, "data.train");
+    // Settings that do not change the result may change between sessions.
+    write_recipe(&p.root, &p.base, "save_every = 2\nkeep_last = 1\nmax_time = \"1h\"");
+    let out = run(&p, true).unwrap();
+    assert!(matches!(out, Outcome::Finished(_)));
+    assert_eq!(retort_train::checkpoint::list(&p.root.join("out/train")).len(), 1);
+    // Finished and unchanged: nothing to do.
+    assert!(matches!(run(&p, false).unwrap(), Outcome::UpToDate { .. }));
+}
+
+#[test]
+fn a_time_limit_stops_with_a_checkpoint_after_at_least_one_step() {
+    let p = project("max_time = \"1ms\"");
+    let Outcome::Stopped { step, reason, .. } = run(&p, false).unwrap() else { panic!("did not stop") };
+    assert_eq!((step, reason), (1, "max_time"));
+    let Outcome::Stopped { step, .. } = run(&p, false).unwrap() else { panic!("did not stop") };
+    assert_eq!(step, 2, "each session makes progress");
+}
+
+#[test]
+fn bad_data_is_reported_with_file_and_line() {
+    let p = project("");
+    let mut text = rows(4, 0);
+    text.push_str("{\"messages\": [{\"role\": \"user\"}]}\n");
+    std::fs::write(p.root.join("data/train.jsonl"), text).unwrap();
+    let err = run(&p, false).unwrap_err();
+    assert!(err.to_string().contains("train.jsonl:5"), "{err}");
+    assert!(err.hint().contains("on_bad_row"), "{}", err.hint());
+}
