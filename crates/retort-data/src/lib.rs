@@ -2,7 +2,7 @@
 //! them (byte for byte, tested against transformers on the real templates of Llama 3.x, Qwen2.5,
 //! Qwen3, Phi-3.5, Gemma 2, Mistral Nemo and Devstral), and the training data built from them:
 //! dataset files read into conversations ([`dataset`]), token ids with loss labels on the assistant
-//! turns ([`labels`]), and packed, padded rows ([`pack`]); [`prepare`] runs all three for one file.
+//! turns ([`labels`]), and packed, padded rows ([`pack`]); [`prepare()`] runs all three for one file.
 //!
 //! It does not run models (`retort-model`) and holds no tensors: rows are plain vectors the trainer
 //! turns into tensors.
