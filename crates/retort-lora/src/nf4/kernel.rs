@@ -11,15 +11,28 @@ const LANES: usize = 16;
 
 /// The largest |x| of a block, or the offset of its first non-finite value.
 pub(crate) fn block_absmax(values: &[f32]) -> Result<f32, usize> {
-    let mut amax = 0.0f32;
-    let mut finite = true;
-    for &v in values {
-        let a = v.abs();
-        // NaN and inf both fail `<= MAX`; checked with one flag so the loop stays branch-free.
-        finite &= a <= f32::MAX;
-        amax = if a > amax { a } else { amax };
+    // Lane-wise maxima and finiteness flags, so the loop compiles to vector code.
+    let mut amax = [0.0f32; LANES];
+    let mut finite = [true; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for ((m, f), &v) in amax.iter_mut().zip(&mut finite).zip(chunk) {
+            let a = v.abs();
+            // NaN and inf both fail `<= MAX`.
+            *f &= a <= f32::MAX;
+            *m = if a > *m { a } else { *m };
+        }
     }
-    if finite { Ok(amax) } else { Err(values.iter().position(|v| !v.is_finite()).unwrap_or(0)) }
+    for ((m, f), &v) in amax.iter_mut().zip(&mut finite).zip(chunks.remainder()) {
+        let a = v.abs();
+        *f &= a <= f32::MAX;
+        *m = if a > *m { a } else { *m };
+    }
+    if finite.iter().all(|&f| f) {
+        Ok(amax.iter().fold(0.0f32, |m, &a| if a > m { a } else { m }))
+    } else {
+        Err(values.iter().position(|v| !v.is_finite()).unwrap_or(0))
+    }
 }
 
 /// The NF4 code of a scaled value: how many thresholds lie strictly below it ([`quantize_block`] does
@@ -41,7 +54,7 @@ pub(crate) fn quantize_block(values: &[f32], full: bool, out: &mut [u8]) -> Resu
     let floor = amax.max(ABSMAX_FLOOR);
     let reciprocal = 1.0 / floor;
     let mut scaled = [0.0f32; LANES];
-    let mut codes = [0u8; LANES];
+    let mut codes = [0u32; LANES];
     for (chunk, bytes) in values.chunks(LANES).zip(out.chunks_mut(LANES / 2)) {
         // A short last chunk is padded with zeros, whose code is the pad nibble bitsandbytes writes.
         scaled.fill(0.0);
@@ -54,14 +67,16 @@ pub(crate) fn quantize_block(values: &[f32], full: bool, out: &mut [u8]) -> Resu
                 *s = v / floor;
             }
         }
+        // Counted in 32-bit lanes, the width of the comparison masks, and narrowed once.
         codes.fill(0);
         for &t in &NF4_THRESHOLDS {
             for (c, &s) in codes.iter_mut().zip(&scaled) {
-                *c += u8::from(t < s);
+                *c += u32::from(t < s);
             }
         }
         for (b, pair) in bytes.iter_mut().zip(codes.chunks_exact(2)) {
-            *b = (pair[0] << 4) | pair[1];
+            // Counts are at most 15.
+            *b = ((pair[0] << 4) | pair[1]) as u8;
         }
     }
     debug_assert!(values.len().is_multiple_of(2) || out.last().is_some_and(|b| b & 0x0f == NF4_ZERO_CODE));
