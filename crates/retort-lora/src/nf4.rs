@@ -23,11 +23,15 @@
 //!   (`blocks.div_ceil(256)`, block `b` uses `scales[b / 256]`); `offset` one f32.
 //!
 //! # Where bitsandbytes differs from itself
-//! The fixtures pin its CPU path. Its CUDA kernels agree on the NF4 thresholds and the layout but not
-//! in four corners: an all-zero block gets code 0 on CUDA (7 here; both dequantize to zero), the partial
-//! last block is multiplied by the reciprocal on CUDA (divided here), the 8-bit absmax codes come from
-//! a search on CUDA (a 65536-bin table here, see [`double_quant`]), and the offset is a different f32
-//! sum. Each changes at most the last bit of a scale or a code of a few near-tie values.
+//! The fixtures pin its CPU path. Its CUDA kernels agree on the NF4 thresholds and the layout but not in
+//! four corners, each worth at most a rounding step: an all-zero block gets code 0 on CUDA (7 here; both
+//! dequantize to zero); the partial last block is multiplied by the reciprocal on CUDA (divided here),
+//! which can move a value sitting on a threshold to the next code; the 8-bit absmax codes come from a
+//! search of the map on CUDA but from a 65536-bin table on the CPU, which can pick a neighbouring code
+//! (at most 2/65535 of the block's scale away); and the offset is a differently ordered f32 sum (see
+//! [`torch_mean`]). Dequantization follows the flat blocks above, as CUDA and bitsandbytes' PyTorch code
+//! do; its native AVX-512 CPU kernel indexes the absmax per row instead, which is wrong for rows that are
+//! a multiple of 16 values but not of the blocksize.
 
 mod double_quant;
 mod kernel;
@@ -458,31 +462,30 @@ impl Nf4Tensor {
     }
 }
 
-/// Values to quantize: read a range as f32, borrowed when stored as f32, decoded into `scratch` if not.
+/// Values to quantize: `count` values from `start` as f32, borrowed when stored as f32, decoded into
+/// `scratch` if not.
 trait Source: Sync {
-    fn read<'a>(&'a self, start: usize, scratch: &'a mut [f32]) -> &'a [f32];
+    fn read<'a>(&'a self, start: usize, count: usize, scratch: &'a mut Vec<f32>) -> &'a [f32];
 }
 
 impl Source for [f32] {
-    fn read<'a>(&'a self, start: usize, scratch: &'a mut [f32]) -> &'a [f32] {
-        &self[start..start + scratch.len()]
+    fn read<'a>(&'a self, start: usize, count: usize, _: &'a mut Vec<f32>) -> &'a [f32] {
+        &self[start..start + count]
     }
 }
 
 impl Source for [bf16] {
-    fn read<'a>(&'a self, start: usize, scratch: &'a mut [f32]) -> &'a [f32] {
-        for (s, v) in scratch.iter_mut().zip(&self[start..]) {
-            *s = v.to_f32();
-        }
+    fn read<'a>(&'a self, start: usize, count: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        scratch.clear();
+        scratch.extend(self[start..start + count].iter().map(|v| v.to_f32()));
         scratch
     }
 }
 
 impl Source for [f16] {
-    fn read<'a>(&'a self, start: usize, scratch: &'a mut [f32]) -> &'a [f32] {
-        for (s, v) in scratch.iter_mut().zip(&self[start..]) {
-            *s = v.to_f32();
-        }
+    fn read<'a>(&'a self, start: usize, count: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        scratch.clear();
+        scratch.extend(self[start..start + count].iter().map(|v| v.to_f32()));
         scratch
     }
 }
@@ -501,22 +504,20 @@ enum Float {
 }
 
 impl Source for LeBytes<'_> {
-    fn read<'a>(&'a self, start: usize, scratch: &'a mut [f32]) -> &'a [f32] {
+    fn read<'a>(&'a self, start: usize, count: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        scratch.clear();
         match self.dtype {
             Float::F32 => {
-                for (s, b) in scratch.iter_mut().zip(self.data[4 * start..].chunks_exact(4)) {
-                    *s = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
+                let bytes = self.data[4 * start..4 * (start + count)].chunks_exact(4);
+                scratch.extend(bytes.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
             }
             Float::F16 => {
-                for (s, b) in scratch.iter_mut().zip(self.data[2 * start..].chunks_exact(2)) {
-                    *s = f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
-                }
+                let bytes = self.data[2 * start..2 * (start + count)].chunks_exact(2);
+                scratch.extend(bytes.map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()));
             }
             Float::BF16 => {
-                for (s, b) in scratch.iter_mut().zip(self.data[2 * start..].chunks_exact(2)) {
-                    *s = bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
-                }
+                let bytes = self.data[2 * start..2 * (start + count)].chunks_exact(2);
+                scratch.extend(bytes.map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()));
             }
         }
         scratch
@@ -546,8 +547,7 @@ fn quantize_source<S: Source + ?Sized>(
         .map_init(Vec::new, |scratch: &mut Vec<f32>, (task, (codes, absmax))| {
             let start = task * per_task * blocksize;
             let count = (numel - start).min(per_task * blocksize);
-            scratch.resize(count, 0.0);
-            let values = source.read(start, &mut scratch[..count]);
+            let values = source.read(start, count, scratch);
             let blocks = values.chunks(blocksize).zip(codes.chunks_mut(blocksize / 2)).zip(absmax);
             for (b, ((values, codes), absmax)) in blocks.enumerate() {
                 let full = values.len() == blocksize;
@@ -561,8 +561,7 @@ fn quantize_source<S: Source + ?Sized>(
         .flatten()
         .min();
     if let Some(index) = first_bad {
-        let mut one = [0.0f32];
-        let value = source.read(index, &mut one)[0];
+        let value = source.read(index, 1, &mut Vec::new())[0];
         return Err(Nf4Error::NonFinite { index, shape: shape.to_vec(), value });
     }
     let absmax = if double_quant {

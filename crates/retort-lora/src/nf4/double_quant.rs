@@ -150,7 +150,12 @@ fn row_sum<T: Accumulate>(len: usize, load: impl Fn(usize) -> T) -> T {
 }
 
 /// `torch.Tensor.mean()` of a contiguous f32 tensor, bit for bit as PyTorch computes it on one thread
-/// with 8-wide vectors (see the module documentation).
+/// with 8-wide vectors: the double-quantization offset bitsandbytes stores.
+///
+/// PyTorch sums f32 in a cascade (8 lanes, 4 interleaved accumulators, partial sums flushed in levels)
+/// and divides by the count in f32. Its AVX-512 build uses 16 lanes, and from 32768 values up it splits
+/// the sum across threads, so bitsandbytes' own offset can differ in the last bit between machines;
+/// this is the order of its AVX2 and portable builds, which the fixtures pin.
 pub fn torch_mean(values: &[f32]) -> f32 {
     let n = values.len();
     let sum = if n < TORCH_LANES {
