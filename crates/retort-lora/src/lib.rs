@@ -4,11 +4,19 @@
 //! (`adapter_config.json` + `adapter_model.safetensors`) read and written so peft, vLLM and mistral.rs
 //! load them.
 //!
+//! [`nf4`] is the 4-bit NormalFloat quantization QLoRA keeps its frozen base in, bit-exact with
+//! bitsandbytes (the packed codes, the per-block absmax and its double quantization), on plain `Vec`s
+//! in bitsandbytes' layout so a tensor framework can take them to a device as they are.
+//!
 //! The adapter forward pass itself lives in `retort_model::lora`, because the model's projections
 //! compute with it; training lives in `retort-train`.
 
 pub mod inject;
+pub mod nf4;
 pub mod peft;
 
 pub use inject::{AdapterSpec, LoraError, attach};
+pub use nf4::{
+    Absmax, DoubleQuant, Nf4Error, Nf4Tensor, quantize, quantize_bf16, quantize_f16, quantize_tensor,
+};
 pub use peft::{AdapterConfig, load_adapter, save_adapter};
