@@ -1,0 +1,151 @@
+//! Quantizers and dequantizers for the ggml types retort writes, bit-exact with ggml's reference
+//! implementation (no importance matrix), and the llama.cpp file-type mixes in [`mix`].
+//!
+//! Blocks are independent, so a tensor is cut into chunks of whole blocks that rayon quantizes in
+//! parallel; the result does not depend on the number of threads.
+
+pub mod float;
+pub mod kquants;
+pub mod legacy;
+pub mod mix;
+
+use rayon::prelude::*;
+
+use crate::gguf::types::GgmlType;
+
+type BlockFn = fn(&[f32], &mut [u8]);
+type DeqFn = fn(&[u8], &mut [f32]);
+
+fn block_fns(ty: GgmlType) -> Option<(BlockFn, DeqFn)> {
+    Some(match ty {
+        GgmlType::Q4_0 => (legacy::q4_0, legacy::dq4_0),
+        GgmlType::Q4_1 => (legacy::q4_1, legacy::dq4_1),
+        GgmlType::Q5_0 => (legacy::q5_0, legacy::dq5_0),
+        GgmlType::Q5_1 => (legacy::q5_1, legacy::dq5_1),
+        GgmlType::Q8_0 => (legacy::q8_0, legacy::dq8_0),
+        GgmlType::Q4_K => (kquants::q4_k, kquants::dq4_k),
+        GgmlType::Q5_K => (kquants::q5_k, kquants::dq5_k),
+        GgmlType::Q6_K => (kquants::q6_k, kquants::dq6_k),
+        GgmlType::Q8_K => (kquants::q8_k, kquants::dq8_k),
+        _ => return None,
+    })
+}
+
+/// The types [`quantize`] can write.
+pub const WRITABLE: [GgmlType; 12] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q8_0,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+    GgmlType::Q8_K,
+];
+
+/// Elements per parallel work item: big enough to amortise scheduling, small enough to balance.
+const CHUNK: usize = 64 * 256;
+
+/// Encodes `src` as `ty`. `src.len()` must be a whole number of the type's blocks (the caller checks
+/// rows; for k-quants a row must be a multiple of 256).
+pub fn quantize(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>, String> {
+    let bs = ty.block_size();
+    if !src.len().is_multiple_of(bs) {
+        return Err(format!("{} values are not a whole number of {ty} blocks ({bs})", src.len()));
+    }
+    let nbytes = src.len() / bs * ty.type_size();
+    let mut out = vec![0u8; nbytes];
+    match ty {
+        GgmlType::F32 => out.par_chunks_mut(4 * CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(o, s)| {
+            s.iter().zip(o.chunks_exact_mut(4)).for_each(|(v, b)| b.copy_from_slice(&v.to_le_bytes()))
+        }),
+        GgmlType::F16 | GgmlType::BF16 => {
+            let conv = if ty == GgmlType::F16 { float::f16_bits } else { float::bf16_bits };
+            out.par_chunks_mut(2 * CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(o, s)| {
+                s.iter()
+                    .zip(o.chunks_exact_mut(2))
+                    .for_each(|(v, b)| b.copy_from_slice(&conv(*v).to_le_bytes()))
+            });
+        }
+        _ => {
+            let (f, _) = block_fns(ty).ok_or_else(|| format!("retort cannot quantize to {ty}"))?;
+            let ts = ty.type_size();
+            let per = CHUNK.div_ceil(bs) * bs;
+            out.par_chunks_mut(per / bs * ts).zip(src.par_chunks(per)).for_each(|(o, s)| {
+                for (ob, sb) in o.chunks_exact_mut(ts).zip(s.chunks_exact(bs)) {
+                    f(sb, ob);
+                }
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes `n` values of type `ty` from `data`.
+pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, String> {
+    let bs = ty.block_size();
+    let ts = ty.type_size();
+    if !n.is_multiple_of(bs) || data.len() != n / bs * ts {
+        return Err(format!("{} bytes do not hold {n} values of {ty}", data.len()));
+    }
+    let mut out = vec![0f32; n];
+    match ty {
+        GgmlType::F32 => out
+            .iter_mut()
+            .zip(data.chunks_exact(4))
+            .for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        GgmlType::F16 => out
+            .iter_mut()
+            .zip(data.chunks_exact(2))
+            .for_each(|(o, b)| *o = float::f16_value(u16::from_le_bytes([b[0], b[1]]))),
+        GgmlType::BF16 => out
+            .iter_mut()
+            .zip(data.chunks_exact(2))
+            .for_each(|(o, b)| *o = float::bf16_value(u16::from_le_bytes([b[0], b[1]]))),
+        _ => {
+            let (_, g) = block_fns(ty).ok_or_else(|| format!("retort cannot dequantize {ty}"))?;
+            out.par_chunks_mut(CHUNK.div_ceil(bs) * bs)
+                .zip(data.par_chunks(CHUNK.div_ceil(bs) * ts))
+                .for_each(|(o, d)| {
+                    for (ob, db) in o.chunks_exact_mut(bs).zip(d.chunks_exact(ts)) {
+                        g(db, ob);
+                    }
+                });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize) -> Vec<f32> {
+        // llama.cpp's test-quantize-fns data.
+        (0..n).map(|i| (0.1f64 + f64::from(2.0f32 * (i as f32).cos())) as f32).collect()
+    }
+
+    #[test]
+    fn round_trip_sizes_and_parallel_determinism() {
+        let x = data(256 * 200);
+        for ty in WRITABLE {
+            let q = quantize(ty, &x).unwrap();
+            assert_eq!(q.len(), x.len() / ty.block_size() * ty.type_size(), "{ty}");
+            // Block by block, single-threaded, gives the same bytes.
+            if let Some((f, _)) = block_fns(ty) {
+                let mut one = vec![0u8; q.len()];
+                for (o, s) in one.chunks_exact_mut(ty.type_size()).zip(x.chunks_exact(ty.block_size())) {
+                    f(s, o);
+                }
+                assert_eq!(one, q, "{ty}");
+            }
+            let y = dequantize(ty, &q, x.len()).unwrap();
+            assert_eq!(y.len(), x.len());
+        }
+        assert!(quantize(GgmlType::Q4_K, &x[..100]).is_err());
+    }
+}
