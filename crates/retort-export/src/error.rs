@@ -146,6 +146,16 @@ impl ExportError {
         ExportError::Gguf { path: path.to_path_buf(), problem: problem.into() }
     }
 
+    /// Shorthand for a tokenizer problem.
+    pub(crate) fn tokenizer(path: &Path, problem: impl Into<String>) -> ExportError {
+        ExportError::Tokenizer { path: path.to_path_buf(), problem: problem.into() }
+    }
+
+    /// Shorthand for a write error.
+    pub(crate) fn write(path: &Path, source: std::io::Error) -> ExportError {
+        ExportError::Write { path: path.to_path_buf(), source }
+    }
+
     /// How to fix it, when there is something to say beyond the message.
     pub fn hint(&self) -> Option<String> {
         match self {

@@ -17,8 +17,20 @@
 //! `retort-io`'s temp-file-then-rename discipline, so a failed export never leaves a file that looks
 //! complete.
 
+pub mod adapter;
+pub mod convert;
 pub mod error;
 pub mod gguf;
+pub mod job;
+pub mod lint;
+pub mod merge;
+pub mod ollama;
+pub mod output;
 pub mod quant;
+pub mod safetensors_out;
+pub mod tokenizer;
 
 pub use error::{ExportError, Result};
+pub use job::{Format, Job, Report, run};
+pub use merge::{Model, OutDtype};
+pub use quant::mix::FileType;
