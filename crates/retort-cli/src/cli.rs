@@ -37,6 +37,13 @@ pub enum Command {
     /// Create, check, show and document recipes.
     #[command(subcommand)]
     Recipe(RecipeCommand),
+
+    /// Write the model for serving: merged safetensors, GGUF (llama.cpp, Ollama), adapters, Modelfile.
+    Export(crate::cmd::export::ExportArgs),
+
+    /// Look inside model files.
+    #[command(subcommand)]
+    Inspect(crate::cmd::inspect::InspectCommand),
 }
 
 /// `retort recipe ...`.

@@ -37,6 +37,8 @@ fn init_logging(ui: &Ui) {
 fn run(cli: Cli, ui: &Ui) -> anyhow::Result<Exit> {
     match cli.command {
         Command::Recipe(cmd) => cmd::recipe::run(ui, cmd),
+        Command::Export(args) => cmd::export::run(ui, args),
+        Command::Inspect(cmd) => cmd::inspect::run(ui, cmd),
     }
 }
 

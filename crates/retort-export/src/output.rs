@@ -26,15 +26,41 @@ pub trait Sink: Sync + Send {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Disk;
 
-impl OutFile for AtomicFile {
-    fn commit(self: Box<Self>) -> io::Result<()> {
-        AtomicFile::commit(*self)
+/// An [`AtomicFile`] that ends up readable by others (`0644`): temporary files are created private
+/// (`0600`), but models are often served by another user (Ollama's and vLLM's services).
+struct Shared(AtomicFile);
+
+impl Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
     }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl OutFile for Shared {
+    fn commit(self: Box<Self>) -> io::Result<()> {
+        let path = self.0.path().to_path_buf();
+        self.0.commit()?;
+        set_mode(&path, 0o644)
+    }
+}
+
+#[cfg(unix)]
+fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+#[cfg(not(unix))]
+fn set_mode(_path: &Path, _mode: u32) -> io::Result<()> {
+    Ok(())
 }
 
 impl Sink for Disk {
     fn create(&self, path: &Path) -> io::Result<Box<dyn OutFile>> {
-        Ok(Box::new(AtomicFile::create(path)?))
+        Ok(Box::new(Shared(AtomicFile::create(path)?)))
     }
 }
 
@@ -74,6 +100,7 @@ impl StagedDir {
 
     /// Moves the directory into place, replacing an older one.
     pub fn commit(mut self) -> io::Result<()> {
+        set_mode(&self.tmp, 0o755)?;
         if self.target.exists() {
             let old = self.tmp.with_extension("old");
             std::fs::rename(&self.target, &old)?;

@@ -1,3 +1,5 @@
 //! One module per command group.
 
+pub mod export;
+pub mod inspect;
 pub mod recipe;
