@@ -35,7 +35,7 @@ impl Family {
             Some(Family::ChatMl)
         } else if has("<start_of_turn>") && has("<end_of_turn>") {
             Some(Family::Gemma)
-        } else if has("<|user|>") && has("<|end|>") && has("<|assistant|>") {
+        } else if has("<|end|>") && has("<|assistant|>") {
             Some(Family::Phi3)
         } else if has("[INST]") && has("[/INST]") {
             Some(Family::Mistral)
