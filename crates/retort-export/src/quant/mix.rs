@@ -252,3 +252,130 @@ fn fallback(ty: GgmlType, ncols: usize) -> GgmlType {
     };
     if !ncols.is_multiple_of(r.block_size()) { GgmlType::F16 } else { r }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n_layers: usize, output: bool) -> Vec<String> {
+        let mut v = vec!["token_embd.weight".to_string(), "output_norm.weight".to_string()];
+        if output {
+            v.push("output.weight".into());
+        }
+        for i in 0..n_layers {
+            for t in [
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+                "attn_norm",
+                "ffn_norm",
+            ] {
+                v.push(format!("blk.{i}.{t}.weight"));
+            }
+        }
+        v.sort_by(|a, b| llama_order(a, b));
+        v
+    }
+
+    /// Types for every tensor of a llama-shaped model with 4096-wide rows.
+    fn plan(ft: FileType, n_layers: usize, output: bool, heads: (usize, usize)) -> Vec<(String, GgmlType)> {
+        let names = names(n_layers, output);
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let facts = ModelFacts { arch: "llama", n_layers, n_heads: heads.0, n_kv_heads: heads.1 };
+        let mut p = TypePlanner::new(ft, facts, &refs);
+        names
+            .iter()
+            .map(|n| {
+                let shape = if n.contains("norm") { vec![4096] } else { vec![4096, 4096] };
+                (n.clone(), p.choose(n, &shape))
+            })
+            .collect()
+    }
+
+    fn ty(plan: &[(String, GgmlType)], name: &str) -> GgmlType {
+        plan.iter().find(|(n, _)| n == name).map(|(_, t)| *t).unwrap_or(GgmlType::I8)
+    }
+
+    #[test]
+    fn q4_k_m_upgrades_attn_v_and_ffn_down_on_llama_cpp_layers() {
+        let p = plan(FileType::Q4_K_M, 32, true, (32, 8));
+        // use_more_bits for 32 layers: the first and last 4, and every third from layer 6.
+        let more = [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31];
+        for i in 0..32 {
+            let want = if more.contains(&i) { GgmlType::Q6_K } else { GgmlType::Q4_K };
+            assert_eq!(ty(&p, &format!("blk.{i}.attn_v.weight")), want, "attn_v {i}");
+            assert_eq!(ty(&p, &format!("blk.{i}.ffn_down.weight")), want, "ffn_down {i}");
+            assert_eq!(ty(&p, &format!("blk.{i}.attn_q.weight")), GgmlType::Q4_K);
+            assert_eq!(ty(&p, &format!("blk.{i}.attn_norm.weight")), GgmlType::F32);
+        }
+        assert_eq!(ty(&p, "output.weight"), GgmlType::Q6_K);
+        assert_eq!(ty(&p, "token_embd.weight"), GgmlType::Q4_K);
+        // Tied: the embedding is the output and gets its type.
+        let p = plan(FileType::Q4_K_M, 32, false, (32, 8));
+        assert_eq!(ty(&p, "token_embd.weight"), GgmlType::Q6_K);
+    }
+
+    #[test]
+    fn other_mixes() {
+        let p = plan(FileType::Q5_K_M, 32, true, (32, 8));
+        assert_eq!(ty(&p, "blk.0.attn_v.weight"), GgmlType::Q6_K);
+        assert_eq!(ty(&p, "blk.4.attn_v.weight"), GgmlType::Q5_K);
+        assert_eq!(ty(&p, "blk.4.attn_k.weight"), GgmlType::Q5_K);
+        let p = plan(FileType::Q6_K, 32, true, (32, 8));
+        assert!(p.iter().all(|(n, t)| *t == if n.contains("norm") { GgmlType::F32 } else { GgmlType::Q6_K }));
+        let p = plan(FileType::Q4_0, 32, true, (32, 8));
+        assert_eq!(ty(&p, "output.weight"), GgmlType::Q6_K, "llama-quantize keeps the output at Q6_K");
+        assert_eq!(ty(&p, "blk.0.attn_v.weight"), GgmlType::Q4_0);
+        let p = plan(FileType::Q8_0, 32, false, (32, 8));
+        assert_eq!(ty(&p, "token_embd.weight"), GgmlType::Q8_0);
+        let p = plan(FileType::BF16, 2, true, (32, 8));
+        assert_eq!(ty(&p, "output.weight"), GgmlType::BF16);
+        // Llama 70B (80 layers, grouped-query attention): attn_v gets Q5_K where Q4_K_M gives Q4_K.
+        let p = plan(FileType::Q4_K_M, 80, true, (64, 8));
+        assert_eq!(ty(&p, "blk.11.attn_v.weight"), GgmlType::Q5_K);
+        assert_eq!(ty(&p, "blk.12.attn_v.weight"), GgmlType::Q6_K);
+    }
+
+    #[test]
+    fn rows_that_are_not_whole_blocks_fall_back() {
+        let names = ["blk.0.attn_v.weight", "blk.0.attn_q.weight", "output.weight", "blk.0.ffn_up.weight"];
+        let facts = ModelFacts { arch: "llama", n_layers: 1, n_heads: 4, n_kv_heads: 4 };
+        let mut p = TypePlanner::new(FileType::Q4_K_M, facts.clone(), &names);
+        assert_eq!(p.choose("blk.0.attn_q.weight", &[64, 64]), GgmlType::Q5_0, "Q4_K -> Q5_0");
+        assert_eq!(p.choose("blk.0.attn_v.weight", &[64, 64]), GgmlType::Q8_0, "Q6_K -> Q8_0");
+        assert_eq!(p.choose("output.weight", &[100, 64]), GgmlType::Q8_0);
+        assert_eq!(p.choose("blk.0.ffn_up.weight", &[64, 48]), GgmlType::F16, "48 is not a multiple of 32");
+        let mut p = TypePlanner::new(FileType::Q5_K_M, facts.clone(), &names);
+        assert_eq!(p.choose("blk.0.attn_q.weight", &[64, 64]), GgmlType::Q5_1, "Q5_K -> Q5_1");
+        let mut p = TypePlanner::new(FileType::Q8_0, facts, &names);
+        assert_eq!(p.choose("blk.0.ffn_up.weight", &[64, 48]), GgmlType::F16);
+        assert_eq!(p.choose("blk.0.attn_q.bias", &[64]), GgmlType::F32);
+        assert!(FileType::parse("Q4_K_M").is_ok() && FileType::parse("q4_k_s").is_err());
+    }
+
+    #[test]
+    fn tensor_order_is_llama_cpp_s() {
+        let mut v = vec![
+            "blk.10.attn_q.weight",
+            "blk.2.ffn_up.weight",
+            "token_embd.weight",
+            "blk.2.attn_k.weight",
+            "output.weight",
+        ];
+        v.sort_by(|a, b| llama_order(a, b));
+        assert_eq!(
+            v,
+            [
+                "output.weight",
+                "token_embd.weight",
+                "blk.2.attn_k.weight",
+                "blk.2.ffn_up.weight",
+                "blk.10.attn_q.weight"
+            ]
+        );
+    }
+}
