@@ -38,7 +38,7 @@ pub enum Command {
     #[command(subcommand)]
     Recipe(RecipeCommand),
 
-    /// Write the model for serving: merged safetensors, GGUF (llama.cpp, Ollama), adapters, Modelfile.
+    /// Write the model for serving: merged safetensors, GGUF, adapters, Ollama Modelfile.
     Export(crate::cmd::export::ExportArgs),
 
     /// Look inside model files.

@@ -103,8 +103,11 @@ fn wide_model(dir: &Path, tied: bool) {
                 state ^= state >> 7;
                 state ^= state << 17;
                 let u = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                let v =
-                    if norm { 1.0 + 0.2 * u } else { 0.08 * u + if state.is_multiple_of(97) { 2.0 * u } else { 0.0 } };
+                let v = if norm {
+                    1.0 + 0.2 * u
+                } else {
+                    0.08 * u + if state.is_multiple_of(97) { 2.0 * u } else { 0.0 }
+                };
                 retort_export::quant::float::bf16_bits(v).to_le_bytes()
             })
             .collect())

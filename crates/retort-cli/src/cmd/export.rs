@@ -126,8 +126,11 @@ pub fn run(ui: &Ui, args: ExportArgs) -> anyhow::Result<Exit> {
         None => from_flags(&args)?,
     };
     let adapter_note =
-        job.adapter.as_ref().map_or_else(String::new, |a| format!(" + adapter {}", a.display()));
-    ui.status("exporting", &format!("{}{adapter_note} -> {}", job.base.display(), job.out.display()));
+        job.adapter.as_ref().map_or_else(String::new, |a| format!(" with adapter `{}`", a.display()));
+    ui.status(
+        "exporting",
+        &format!("base `{}`{adapter_note} into `{}`", job.base.display(), job.out.display()),
+    );
     let report = retort_export::run(&job, &Disk, &NoProgress).map_err(export_error)?;
     for w in &report.written {
         ui.status(

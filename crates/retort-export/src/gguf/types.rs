@@ -322,8 +322,18 @@ impl Value {
     /// A short rendering for tables: scalars in full, strings up to `max` characters, arrays by length
     /// and first elements.
     pub fn summary(&self, max: usize) -> String {
+        // Control characters shown as symbols, so a value stays on one line without backslashes.
         fn clip(s: &str, max: usize) -> String {
-            let one_line: String = s.chars().map(|c| if c == '\n' { '⏎' } else { c }).take(max + 1).collect();
+            let one_line: String = s
+                .chars()
+                .map(|c| match c {
+                    '\n' => '⏎',
+                    '\t' => '⇥',
+                    c if c.is_control() => '�',
+                    c => c,
+                })
+                .take(max + 1)
+                .collect();
             if one_line.chars().count() > max {
                 format!("{}...", one_line.chars().take(max).collect::<String>())
             } else {
@@ -331,7 +341,7 @@ impl Value {
             }
         }
         match self {
-            Value::String(b) => format!("{:?}", clip(&String::from_utf8_lossy(b), max)),
+            Value::String(b) => format!("\"{}\"", clip(&String::from_utf8_lossy(b), max)),
             Value::Array(t, v) => {
                 let head: Vec<String> = v.iter().take(3).map(|x| x.summary(24)).collect();
                 let more = if v.len() > 3 { ", ..." } else { "" };
