@@ -16,7 +16,8 @@ fn fail(path: &Path, problem: impl Into<String>) -> ExportError {
 }
 
 fn count_non_finite(v: &[f32]) -> usize {
-    v.iter().filter(|x| !x.is_finite()).count()
+    use rayon::prelude::*;
+    v.par_chunks(1 << 16).map(|c| c.iter().filter(|x| !x.is_finite()).count()).sum()
 }
 
 /// A GGUF model: same metadata keys and values, same tensor table, finite values, a usable tokenizer.
@@ -46,8 +47,7 @@ pub fn gguf_model(path: &Path, planned: &GgufHeader, want_template: bool) -> Res
                 format!("tensor `{}` reads back as `{}` {:?} {}", p.name, t.name, t.shape, t.ty),
             ));
         }
-        let values = f.to_f32(t)?;
-        let bad = count_non_finite(&values);
+        let bad = crate::quant::count_non_finite(t.ty, f.data(t));
         if bad > 0 {
             return Err(ExportError::NonFinite {
                 tensor: t.name.clone(),
@@ -152,7 +152,7 @@ pub fn merged_dir(dir: &Path, expected: &[(String, String, Vec<usize>)]) -> Resu
             ));
         }
         if view.dtype.size() > 0 {
-            let bad = count_non_finite(&view.to_f32()?);
+            let bad = count_non_finite(&crate::quant::view_to_f32(&view)?);
             if bad > 0 {
                 return Err(ExportError::NonFinite {
                     tensor: name.clone(),

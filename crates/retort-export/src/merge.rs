@@ -194,11 +194,17 @@ impl Model {
             }
         }
         let dt = self.out_dtype(name)?;
-        let mut bad = 0usize;
-        for x in &mut w {
-            *x = dt.round(*x);
-            bad += usize::from(!x.is_finite());
-        }
+        let bad: usize = w
+            .par_chunks_mut(1 << 16)
+            .map(|c| {
+                let mut n = 0;
+                for x in c {
+                    *x = dt.round(*x);
+                    n += usize::from(!x.is_finite());
+                }
+                n
+            })
+            .sum();
         if bad > 0 {
             let origin = if self.adapter.is_some() {
                 self.adapter.as_ref().map(|a| a.dir.clone())
@@ -222,7 +228,7 @@ impl Model {
             name
         };
         let view = self.base.get(src).ok_or_else(|| self.missing(name))?;
-        Ok(view.to_f32()?)
+        Ok(crate::quant::view_to_f32(&view)?)
     }
 
     /// The shape of an output tensor.

@@ -159,8 +159,9 @@ mod tests {
     #[test]
     fn shards_like_transformers() {
         let es = [e("a", 10), e("b", 10), e("c", 30), e("d", 5)];
-        // 40, 40, 120, 20 bytes with a 80-byte limit: [a b] [c] [d].
-        assert_eq!(plan_shards(&es, 80), vec![vec![0, 1], vec![2], vec![3]]);
+        // 40, 40, 120, 20 bytes with a 80-byte limit: c is too big and gets its own shard at once (before
+        // the shard being filled, as huggingface_hub does), then [a b], then [d].
+        assert_eq!(plan_shards(&es, 80), vec![vec![2], vec![0, 1], vec![3]]);
         assert_eq!(plan_shards(&es, 1000), vec![vec![0, 1, 2, 3]]);
         assert_eq!(shard_names(1), ["model.safetensors"]);
         assert_eq!(shard_names(3)[2], "model-00003-of-00003.safetensors");

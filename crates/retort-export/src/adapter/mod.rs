@@ -363,7 +363,7 @@ impl Adapter {
             .weights
             .get(key)
             .ok_or_else(|| bad(&self.dir, format!("tensor `{key}` is missing"), "save the adapter again"))?;
-        Ok(view.to_f32()?)
+        Ok(crate::quant::view_to_f32(&view)?)
     }
 
     /// True when the adapter changes `lm_head` (LoRA or a whole saved copy).

@@ -120,6 +120,61 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, Strin
     Ok(out)
 }
 
+/// Counts non-finite values of an encoded tensor without decoding it all: for block types a value is
+/// finite exactly when its block's f16 (or f32) scales are (the quantized integers are bounded).
+pub fn count_non_finite(ty: GgmlType, data: &[u8]) -> usize {
+    fn f16_at(b: &[u8], at: usize) -> bool {
+        float::f16_value(u16::from_le_bytes([b[at], b[at + 1]])).is_finite()
+    }
+    fn d(b: &[u8]) -> bool {
+        f16_at(b, 0)
+    }
+    fn d_m(b: &[u8]) -> bool {
+        f16_at(b, 0) && f16_at(b, 2)
+    }
+    fn d_q6(b: &[u8]) -> bool {
+        f16_at(b, 208)
+    }
+    fn d_f32(b: &[u8]) -> bool {
+        f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()
+    }
+    let (ts, bs) = (ty.type_size(), ty.block_size());
+    let check: Option<fn(&[u8]) -> bool> = match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => Some(d),
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => Some(d_m),
+        GgmlType::Q6_K => Some(d_q6),
+        GgmlType::Q8_K => Some(d_f32),
+        _ => None,
+    };
+    if let Some(ok) = check {
+        return data.par_chunks(ts * 1024).map(|c| c.chunks_exact(ts).filter(|b| !ok(b)).count() * bs).sum();
+    }
+    let decode: fn(&[u8]) -> f32 = match ty {
+        GgmlType::F16 => |b| float::f16_value(u16::from_le_bytes([b[0], b[1]])),
+        GgmlType::BF16 => |b| float::bf16_value(u16::from_le_bytes([b[0], b[1]])),
+        _ => |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+    };
+    data.par_chunks(ts * CHUNK).map(|c| c.chunks_exact(ts).filter(|b| !decode(b).is_finite()).count()).sum()
+}
+
+/// A safetensors tensor's values as f32, converted in parallel.
+pub fn view_to_f32(view: &retort_hf::TensorView<'_>) -> Result<Vec<f32>, retort_hf::WeightsError> {
+    let conv: fn(&[u8]) -> f32 = match view.dtype {
+        retort_hf::Dtype::F32 => |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        retort_hf::Dtype::F16 => |b| float::f16_value(u16::from_le_bytes([b[0], b[1]])),
+        retort_hf::Dtype::BF16 => |b| float::bf16_value(u16::from_le_bytes([b[0], b[1]])),
+        retort_hf::Dtype::Other(_) => return view.to_f32(),
+    };
+    let size = view.dtype.size();
+    let mut out = vec![0f32; view.numel()];
+    out.par_chunks_mut(CHUNK).zip(view.data.par_chunks(CHUNK * size)).for_each(|(o, d)| {
+        for (x, b) in o.iter_mut().zip(d.chunks_exact(size)) {
+            *x = conv(b);
+        }
+    });
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
