@@ -5,6 +5,9 @@
 //! Bit-exactness depends on doing the same f32 operations in the same order as the C code: each
 //! expression below keeps the C evaluation order and int-to-float conversion points. Rust never fuses
 //! a multiply and an add, and neither does ggml's reference build (it is compiled without FMA).
+//!
+//! These are the straightforward ports, kept as the reference; [`super::kfast`] computes the same
+//! bytes several times faster and is what [`super::quantize`] uses.
 
 use crate::quant::float::{f16_bits, f16_value};
 
@@ -15,7 +18,7 @@ const GROUP_MAX_EPS: f32 = 1e-15;
 
 /// ggml's `nearest_int`: round half to even through the float mantissa (valid for |x| < 2^22).
 #[inline]
-fn nearest_int(f: f32) -> i32 {
+pub(crate) fn nearest_int(f: f32) -> i32 {
     let v = f + 12_582_912.0;
     (v.to_bits() as i32 & 0x007f_ffff) - 0x0040_0000
 }
@@ -162,7 +165,7 @@ fn make_qx_quants(nmax: i32, x: &[f32], l_out: &mut [u8]) -> f32 {
 }
 
 /// Packs 8 six-bit scales and mins into Q4_K/Q5_K's 12 bytes.
-fn pack_scales(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
+pub(crate) fn pack_scales(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
     let mut s = [0u8; 12];
     for j in 0..8 {
         if j < 4 {
@@ -178,7 +181,7 @@ fn pack_scales(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
 }
 
 /// ggml's `get_scale_min_k4`.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -261,7 +264,12 @@ pub fn q4_k(x: &[f32], out: &mut [u8]) {
 pub fn q5_k(x: &[f32], out: &mut [u8]) {
     let mut l = [0u8; QK_K];
     scales_mins_levels(x, 31, -0.5, 15, &mut out[..16], &mut l);
-    let (qh, ql) = out[16..176].split_at_mut(32);
+    pack_q5(&l, &mut out[16..176]);
+}
+
+/// Q5_K's 32 bytes of fifth bits and 128 bytes of low nibbles.
+pub(crate) fn pack_q5(l: &[u8; QK_K], out: &mut [u8]) {
+    let (qh, ql) = out.split_at_mut(32);
     qh.fill(0);
     let (mut m1, mut m2) = (1u8, 2u8);
     for (c, n) in (0..QK_K).step_by(64).enumerate() {
@@ -288,11 +296,17 @@ pub fn q5_k(x: &[f32], out: &mut [u8]) {
 pub fn q6_k(x: &[f32], out: &mut [u8]) {
     let mut l = [0u8; QK_K];
     let mut scales = [0f32; 16];
+    for ib in 0..16 {
+        scales[ib] = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
+    }
+    q6_k_finish(x, &scales, &mut l, out);
+}
+
+/// Q6_K after the per-16 scales: the 8-bit scale codes, `d`, the final levels and the packing.
+pub(crate) fn q6_k_finish(x: &[f32], scales: &[f32; 16], l: &mut [u8; QK_K], out: &mut [u8]) {
     let mut max_scale = 0.0f32;
     let mut max_abs_scale = 0.0f32;
-    for ib in 0..16 {
-        let s = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
-        scales[ib] = s;
+    for &s in scales {
         if s.abs() > max_abs_scale {
             max_abs_scale = s.abs();
             max_scale = s;

@@ -5,6 +5,7 @@
 //! parallel; the result does not depend on the number of threads.
 
 pub mod float;
+pub mod kfast;
 pub mod kquants;
 pub mod legacy;
 pub mod mix;
@@ -23,9 +24,9 @@ fn block_fns(ty: GgmlType) -> Option<(BlockFn, DeqFn)> {
         GgmlType::Q5_0 => (legacy::q5_0, legacy::dq5_0),
         GgmlType::Q5_1 => (legacy::q5_1, legacy::dq5_1),
         GgmlType::Q8_0 => (legacy::q8_0, legacy::dq8_0),
-        GgmlType::Q4_K => (kquants::q4_k, kquants::dq4_k),
-        GgmlType::Q5_K => (kquants::q5_k, kquants::dq5_k),
-        GgmlType::Q6_K => (kquants::q6_k, kquants::dq6_k),
+        GgmlType::Q4_K => (kfast::q4_k, kquants::dq4_k),
+        GgmlType::Q5_K => (kfast::q5_k, kquants::dq5_k),
+        GgmlType::Q6_K => (kfast::q6_k, kquants::dq6_k),
         GgmlType::Q8_K => (kquants::q8_k, kquants::dq8_k),
         _ => return None,
     })
@@ -182,6 +183,54 @@ mod tests {
     fn data(n: usize) -> Vec<f32> {
         // llama.cpp's test-quantize-fns data.
         (0..n).map(|i| (0.1f64 + f64::from(2.0f32 * (i as f32).cos())) as f32).collect()
+    }
+
+    /// The fast k-quants against the reference ports, on random data with edge cases.
+    #[test]
+    fn fast_k_quants_equal_the_reference() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let mut x: Vec<f32> = (0..256 * 600).map(|_| next() * 0.1).collect();
+        for (b, block) in x.chunks_mut(256).enumerate() {
+            match b % 14 {
+                0 => block.fill(0.0),
+                1 => block[..32].fill(0.0),
+                2 => block.iter_mut().for_each(|v| *v = v.abs()),
+                3 => block.iter_mut().for_each(|v| *v = -v.abs() * 1e4),
+                4 => block[..64].fill(0.25),
+                5 => block.iter_mut().step_by(7).for_each(|v| *v *= 300.0),
+                6 => block.iter_mut().for_each(|v| *v *= 1e-30),
+                7 => block[100..116].fill(-0.0),
+                // Nearly constant negative blocks: the fitted min can pass the max (degenerate scales).
+                8 => block.iter_mut().for_each(|v| *v = -1.0 - *v * 1e-4),
+                9 => block.iter_mut().for_each(|v| *v = 3.0 + *v * 1e-6),
+                10 => {
+                    block.iter_mut().enumerate().for_each(|(i, v)| *v *= if i % 32 == 0 { 1e6 } else { 1e-6 })
+                }
+                11 => block.iter_mut().for_each(|v| *v = (*v * 8.0).round() / 8.0),
+                _ => {}
+            }
+        }
+        type F = fn(&[f32], &mut [u8]);
+        let pairs: [(GgmlType, F, F); 3] = [
+            (GgmlType::Q4_K, kquants::q4_k, kfast::q4_k),
+            (GgmlType::Q5_K, kquants::q5_k, kfast::q5_k),
+            (GgmlType::Q6_K, kquants::q6_k, kfast::q6_k),
+        ];
+        for (ty, reference, fast) in pairs {
+            let ts = ty.type_size();
+            for (i, block) in x.chunks(256).enumerate() {
+                let (mut a, mut b) = (vec![0u8; ts], vec![0u8; ts]);
+                reference(block, &mut a);
+                fast(block, &mut b);
+                assert_eq!(a, b, "{ty} block {i}");
+            }
+        }
     }
 
     #[test]
