@@ -24,7 +24,9 @@ mkdir -p "$WORK"
 
 echo "== building retort (release)"
 cargo build --release --quiet -p retort-cli
+cargo build --release --quiet -p retort-export --example quant_throughput
 RETORT=$ROOT/target/release/retort
+QUANT=$ROOT/target/release/examples/quant_throughput
 
 echo "== writing the model and adapter in $WORK"
 "$PYTHON" - "$WORK" "$ROOT/crates/retort-export/tests/fixtures/models/llama/base" <<'PY'
@@ -93,7 +95,8 @@ PY
 
 BYTES=$(stat -c %s "$WORK/base/model.safetensors")
 now() { date +%s.%N; }
-elapsed() { echo "$2 - $1" | bc -l; }
+calc() { "$PYTHON" -c "print($1)"; }
+elapsed() { calc "$2 - $1"; }
 declare -A T
 
 run_timed() { # key, command...
@@ -110,6 +113,12 @@ run_timed retort-q8_0 "$RETORT" -q export --base "$WORK/base" --format gguf:q8_0
 run_timed retort-q4_k_m "$RETORT" -q export --base "$WORK/base" --format gguf:q4_k_m --out "$WORK/out" --name bench
 run_timed retort-bf16 "$RETORT" -q export --base "$WORK/base" --format gguf:bf16 --out "$WORK/out" --name bench
 
+echo "== quantization alone (tensors already in memory as f32), retort"
+while read -r ty secs _; do
+  T[kernel-$ty]=$secs
+  printf '   %-22s %8.2f s\n' "retort-kernel-$ty" "$secs"
+done < <("$QUANT" "$WORK/base/model.safetensors")
+
 echo "== gguf-py (numpy) Q8_0 quantizer on the same tensors"
 T[gguf-py-q8_0]=$("$PYTHON" - "$WORK/base/model.safetensors" <<'PY'
 import json, sys, time
@@ -119,14 +128,16 @@ path = sys.argv[1]
 with open(path, "rb") as f:
     n = int.from_bytes(f.read(8), "little"); header = json.loads(f.read(n)); base = 8 + n
     data = np.memmap(path, dtype=np.uint8, mode="r")
-t0 = time.perf_counter()
+total = 0.0
 for name, info in header.items():
     if name == "__metadata__" or len(info["shape"]) < 2:
         continue
     s, e = info["data_offsets"]
     x = (data[base + s: base + e].view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+    t = time.perf_counter()
     gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
-print(time.perf_counter() - t0)
+    total += time.perf_counter() - t
+print(total)
 PY
 )
 printf '   %-22s %8.2f s (quantization only; reading and writing not counted)\n' gguf-py-q8_0 "${T[gguf-py-q8_0]}"
@@ -152,17 +163,17 @@ else
 fi
 
 echo
-echo "== results (input: $((BYTES / 1000000)) MB of BF16 weights)"
-gbs() { echo "$BYTES / $1 / 1000000000" | bc -l; }
+echo "== results (input: $((BYTES / 1000000)) MB of BF16 weights; GB/s of that input)"
 printf '   %-34s %8s %10s\n' "what" "seconds" "GB/s"
-for k in retort-merge retort-q8_0 retort-q4_k_m gguf-py-q8_0 llama-q8_0 llama-q4_k_m; do
-  [ -n "${T[$k]:-}" ] && printf '   %-34s %8.2f %10.3f\n' "$k" "${T[$k]}" "$(gbs "${T[$k]}")"
+for k in retort-merge retort-q8_0 retort-q4_k_m llama-q8_0 llama-q4_k_m kernel-Q8_0 kernel-Q4_K kernel-Q6_K gguf-py-q8_0; do
+  [ -n "${T[$k]:-}" ] && printf '   %-34s %8.2f %10.3f\n' "$k" "${T[$k]}" "$(calc "$BYTES / ${T[$k]} / 1e9")"
 done
-ratio() { printf '   %-34s %8.1fx\n' "$1" "$(echo "$2 / $3" | bc -l)"; }
+ratio() { printf '   %-46s %8.1fx\n' "$1" "$(calc "$2 / $3")"; }
 echo
-ratio "Q8_0: retort vs gguf-py" "${T[gguf-py-q8_0]}" "${T[retort-q8_0]}"
+ratio "Q8_0 quantizer: retort vs gguf-py (numpy)" "${T[gguf-py-q8_0]}" "${T[kernel-Q8_0]}"
 if [ -n "${T[llama-q8_0]:-}" ]; then
-  ratio "Q8_0: retort vs llama-quantize" "${T[llama-q8_0]}" "${T[retort-q8_0]}"
-  ratio "Q4_K_M: retort vs llama-quantize" "${T[llama-q4_k_m]}" "${T[retort-q4_k_m]}"
+  ratio "Q8_0 file: retort vs llama-quantize" "${T[llama-q8_0]}" "${T[retort-q8_0]}"
+  ratio "Q4_K_M file: retort vs llama-quantize" "${T[llama-q4_k_m]}" "${T[retort-q4_k_m]}"
 fi
-echo "   (ratios above 1 mean retort is faster; machine: $(nproc) cores)"
+echo "   (above 1: retort is faster; retort's file times include reading safetensors and its read-back"
+echo "    check; llama-quantize reads a BF16 GGUF; machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg))"
