@@ -209,6 +209,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # Set iteration order (peft writes target_modules from a set) is fixed only with a fixed hash seed,
+    # which must be set before the interpreter starts.
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    os.environ.setdefault("PYTHONHASHSEED", "0")
     main()

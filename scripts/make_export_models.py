@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -68,8 +69,12 @@ TEMPLATES = {
         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
     "gemma": (
-        "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
-        "<start_of_turn>{{ role }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+        "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}"
+        "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+        "{% for m in loop_messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+        "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+        "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
         "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
     ),
     "phi3": (
@@ -77,7 +82,9 @@ TEMPLATES = {
         "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}"
     ),
     "mistral": (
-        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('Only user and assistant roles are supported!') }}"
+        "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
         "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
     ),
 }
@@ -194,7 +201,10 @@ def write_spm(kind: str, out: Path) -> dict:
     import sentencepiece as spm
 
     with tempfile.TemporaryDirectory() as tmp:
-        prefix = str(Path(tmp) / "m")
+        # The model records its prefix: a fixed relative one keeps the file identical across runs.
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        prefix = "tokenizer"
         args = dict(sentence_iterator=iter(CORPUS * 4), model_prefix=prefix, vocab_size=400, model_type="bpe",
                     byte_fallback=True, character_coverage=1.0, num_threads=1, split_digits=True,
                     add_dummy_prefix=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
@@ -207,8 +217,11 @@ def write_spm(kind: str, out: Path) -> dict:
             args.update(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
             if kind == "spm-llama":
                 args.update(control_symbols=["[INST]", "[/INST]"])
-        spm.SentencePieceTrainer.train(**args)
-        shutil.copy(prefix + ".model", out / "tokenizer.model")
+        try:
+            spm.SentencePieceTrainer.train(**args)
+        finally:
+            os.chdir(cwd)
+        shutil.copy(Path(tmp) / (prefix + ".model"), out / "tokenizer.model")
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     if kind == "spm-gemma":
         sot, eot = sp.piece_to_id("<start_of_turn>"), sp.piece_to_id("<end_of_turn>")

@@ -21,7 +21,7 @@ pub enum Family {
     Gemma,
     /// `<|user|>\ncontent<|end|>\n` (Phi-3, Phi-3.5).
     Phi3,
-    /// `[INST] user [/INST]assistant</s>` (Mistral).
+    /// `[INST] user [/INST]assistant</s>` (Mistral v0.1/v0.2).
     Mistral,
 }
 
@@ -37,7 +37,12 @@ impl Family {
             Some(Family::Gemma)
         } else if has("<|end|>") && has("<|assistant|>") {
             Some(Family::Phi3)
-        } else if has("[INST]") && has("[/INST]") {
+        } else if has("[INST]")
+            && has("[/INST]")
+            && (has("'[INST] '") || has("\"[INST] \"") || has("[INST] {{"))
+        {
+            // v0.1/v0.2 style with spaces around the message; the newer tight `[INST]x[/INST]` formats
+            // place the system prompt and tools differently and are left to the GGUF's template.
             Some(Family::Mistral)
         } else {
             None
