@@ -155,6 +155,16 @@ const COPIED: &[&str] = &[
 
 /// Runs an export.
 pub fn run(job: &Job, sink: &dyn Sink, progress: &dyn Progress) -> Result<Report> {
+    run_with(job, sink, progress, &mut |_| {})
+}
+
+/// Runs an export, calling `on_written` as soon as each output has been written and checked.
+pub fn run_with(
+    job: &Job,
+    sink: &dyn Sink,
+    progress: &dyn Progress,
+    on_written: &mut dyn FnMut(&Written),
+) -> Result<Report> {
     let needs_adapter = job.formats.iter().any(|f| matches!(f, Format::Adapter | Format::GgufAdapter));
     if needs_adapter && job.adapter.is_none() {
         return Err(ExportError::Unsupported {
@@ -200,16 +210,19 @@ pub fn run(job: &Job, sink: &dyn Sink, progress: &dyn Progress) -> Result<Report
     std::fs::create_dir_all(&job.out).map_err(|e| ExportError::write(&job.out, e))?;
     probe_writable(&job.out)?;
 
+    let mut done = |report: &mut Report, w: Written| {
+        on_written(&w);
+        report.written.push(w);
+    };
     for format in &job.formats {
         match format {
             Format::Merged => {
                 let path = job.out.join("merged");
                 write_merged(job, &model, &path, sink, progress)?;
-                report.written.push(Written {
-                    format: format.label(),
-                    path: path.clone(),
-                    bytes: size_of(&path),
-                });
+                done(
+                    &mut report,
+                    Written { format: format.label(), path: path.clone(), bytes: size_of(&path) },
+                );
             }
             Format::Gguf(ft) => {
                 let Some(tok) = &tokenizer else { continue };
@@ -227,11 +240,10 @@ pub fn run(job: &Job, sink: &dyn Sink, progress: &dyn Progress) -> Result<Report
                     ));
                 }
                 lint::gguf_model(&path, &header, want_template)?;
-                report.written.push(Written {
-                    format: format.label(),
-                    path: path.clone(),
-                    bytes: size_of(&path),
-                });
+                done(
+                    &mut report,
+                    Written { format: format.label(), path: path.clone(), bytes: size_of(&path) },
+                );
             }
             Format::Adapter => {
                 let Some(adapter) = &model.adapter else { continue };
@@ -241,11 +253,10 @@ pub fn run(job: &Job, sink: &dyn Sink, progress: &dyn Progress) -> Result<Report
                 lint::peft_dir(staged.path(), &ModelConfig::load(&job.base)?, &model.base)?;
                 staged.commit().map_err(|e| ExportError::write(&path, e))?;
                 report.notes.extend(notes);
-                report.written.push(Written {
-                    format: format.label(),
-                    path: path.clone(),
-                    bytes: size_of(&path),
-                });
+                done(
+                    &mut report,
+                    Written { format: format.label(), path: path.clone(), bytes: size_of(&path) },
+                );
             }
             Format::GgufAdapter => {
                 let Some(adapter) = &model.adapter else { continue };
@@ -253,11 +264,10 @@ pub fn run(job: &Job, sink: &dyn Sink, progress: &dyn Progress) -> Result<Report
                 let base_cfg = ModelConfig::load(&job.base)?;
                 gguf_lora::write(adapter, &base_cfg, &job.name, &path, sink)?;
                 lint::gguf_lora(&path, base_cfg.arch.gguf_arch())?;
-                report.written.push(Written {
-                    format: format.label(),
-                    path: path.clone(),
-                    bytes: size_of(&path),
-                });
+                done(
+                    &mut report,
+                    Written { format: format.label(), path: path.clone(), bytes: size_of(&path) },
+                );
             }
             Format::Ollama => {
                 let (Some(tok), Some(ft)) = (&tokenizer, ggufs.first()) else { continue };
@@ -280,11 +290,10 @@ pub fn run(job: &Job, sink: &dyn Sink, progress: &dyn Progress) -> Result<Report
                 write_file(sink, &path, text.as_bytes()).map_err(|e| ExportError::write(&path, e))?;
                 lint::modelfile(&path)?;
                 report.ollama_command = Some(format!("ollama create {} -f {}", job.name, path.display()));
-                report.written.push(Written {
-                    format: format.label(),
-                    path: path.clone(),
-                    bytes: size_of(&path),
-                });
+                done(
+                    &mut report,
+                    Written { format: format.label(), path: path.clone(), bytes: size_of(&path) },
+                );
             }
         }
     }

@@ -31,6 +31,6 @@ pub mod safetensors_out;
 pub mod tokenizer;
 
 pub use error::{ExportError, Result};
-pub use job::{Format, Job, Report, run};
+pub use job::{Format, Job, Report, Written, run, run_with};
 pub use merge::{Model, OutDtype};
 pub use quant::mix::FileType;

@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use retort_export::job::{Format, Job};
 use retort_export::output::Disk;
 use retort_export::{ExportError, OutDtype};
-use retort_io::NoProgress;
+use retort_io::{Progress, Task};
 use retort_recipe::schema::export::ExportDtype;
 use retort_recipe::types::ModelRef;
 use retort_recipe::{LoadError, RenderStyle};
@@ -89,6 +89,24 @@ fn size(bytes: u64) -> String {
     }
 }
 
+/// Progress as one status line when each output starts (a long GGUF can take minutes).
+struct StartLines(Ui);
+
+struct Quiet;
+
+impl Task for Quiet {
+    fn inc(&self, _n: u64) {}
+    fn set_message(&self, _msg: &str) {}
+    fn finish(&self) {}
+}
+
+impl Progress for StartLines {
+    fn task(&self, name: &str, total: u64) -> Box<dyn Task> {
+        self.0.status("writing", &format!("{name} ({total} tensors)"));
+        Box::new(Quiet)
+    }
+}
+
 /// A name usable in file names and by Ollama: lowercase letters, digits, `-`, `_`, `.`.
 fn sanitize(name: &str) -> String {
     let s: String = name
@@ -131,14 +149,14 @@ pub fn run(ui: &Ui, args: ExportArgs) -> anyhow::Result<Exit> {
         "exporting",
         &format!("base `{}`{adapter_note} into `{}`", job.base.display(), job.out.display()),
     );
-    let report = retort_export::run(&job, &Disk, &NoProgress).map_err(export_error)?;
-    for w in &report.written {
+    let mut wrote = |w: &retort_export::Written| {
         ui.status(
             "wrote",
             &format!("{} ({}, {}, read back and checked)", w.path.display(), w.format, size(w.bytes)),
         );
         ui.stdout_line(&w.path.display().to_string());
-    }
+    };
+    let report = retort_export::run_with(&job, &Disk, &StartLines(*ui), &mut wrote).map_err(export_error)?;
     for n in &report.notes {
         ui.status("note", n);
     }
