@@ -110,7 +110,7 @@ pub fn gguf_lora(path: &Path, arch: &str) -> Result<()> {
             let b = f
                 .tensor(&format!("{base}.lora_b"))
                 .ok_or_else(|| fail(path, format!("`{}` has no lora_b", t.name)))?;
-            if t.shape[0] != b.shape[1] {
+            if t.shape.first() != b.shape.get(1) {
                 return Err(fail(
                     path,
                     format!("`{base}`: rank {} in lora_a, {} in lora_b", t.shape[0], b.shape[1]),

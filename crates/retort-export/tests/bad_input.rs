@@ -185,6 +185,28 @@ fn modules_to_save_lm_head_replaces_it_and_unties_a_tied_model() {
 }
 
 #[test]
+fn lora_on_something_that_is_not_a_linear_layer_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    adapter_with(
+        &fixture("mistral").join("adapter"),
+        &a,
+        &[
+            ("base_model.model.model.norm.lora_A.weight", vec![4, 64], 0.1),
+            ("base_model.model.model.norm.lora_B.weight", vec![64, 4], 0.1),
+        ],
+        &[],
+        None,
+    );
+    let e = Model::open(&fixture("mistral").join("base"), Some(&a), None).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("adapts `model.norm`, which is not a linear layer or an embedding (shape [64])"),
+        "{e}"
+    );
+}
+
+#[test]
 fn resized_vocabulary_is_refused_with_the_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let a = tmp.path().join("a");

@@ -393,6 +393,16 @@ impl Adapter {
                     trained_on,
                 });
             };
+            if w.len() != 2 {
+                return Err(bad(
+                    &self.dir,
+                    format!(
+                        "tensor `{}` adapts `{module}`, which is not a linear layer or an embedding (shape {w:?})",
+                        m.a
+                    ),
+                    "LoRA adapts linear layers and embeddings; export the adapter with the base it was trained on",
+                ));
+            }
             let (sa, sb) = (self.shape(&m.a), self.shape(&m.b));
             let (expect_a, expect_b) = match m.kind {
                 ModuleKind::Linear => (vec![m.rank, w[1]], vec![w[0], m.rank]),
