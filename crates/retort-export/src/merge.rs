@@ -179,9 +179,17 @@ impl Model {
     /// A tensor of the output model, merged and rounded to its output dtype.
     pub fn values(&self, name: &str) -> Result<Vec<f32>> {
         let mut w = self.base_values(name)?;
+        let dt = self.out_dtype(name)?;
+        // Unchanged values already in the output dtype need no rounding (the common case of a plain
+        // conversion, or a tensor the adapter does not touch).
+        let mut exact = self.base_dtype(name).is_some_and(|d| d == dt.dtype());
         if let Some(a) = &self.adapter {
             let module = name.strip_suffix(".weight").or_else(|| name.strip_suffix(".bias"));
+            if a.replaced.contains_key(name) {
+                exact = false;
+            }
             if let Some(m) = module.and_then(|m| a.modules.get(m)) {
+                exact = false;
                 let shape = self.shape(name).ok_or_else(|| self.missing(name))?;
                 if name.ends_with(".weight") {
                     merge_into(&mut w, &shape, a, m)?;
@@ -193,13 +201,14 @@ impl Model {
                 }
             }
         }
-        let dt = self.out_dtype(name)?;
         let bad: usize = w
             .par_chunks_mut(1 << 16)
             .map(|c| {
                 let mut n = 0;
                 for x in c {
-                    *x = dt.round(*x);
+                    if !exact {
+                        *x = dt.round(*x);
+                    }
                     n += usize::from(!x.is_finite());
                 }
                 n
