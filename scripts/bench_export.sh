@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Export throughput of retort against the reference tools, on one machine, in one run.
 #
-#     scripts/bench_export.sh [WORKDIR]        (default WORKDIR: target/bench-export)
+#     scripts/bench_export.sh [WORKDIR]        (default WORKDIR: target/bench-export; about 4 GB at peak,
+#                                              a tmpfs such as /dev/shm/retort-bench takes the disk out)
 #
 # 1. Writes a ~1 GB random BF16 Llama-architecture model (hidden 2048, 8 layers, vocab 32000; the
 #    tiny fixture tokenizer) and a random rank-16 LoRA adapter on every linear layer.
@@ -109,6 +110,7 @@ run_timed() { # key, command...
 echo "== retort"
 rm -rf "$WORK/out"
 run_timed retort-merge "$RETORT" -q export --base "$WORK/base" --adapter "$WORK/adapter" --format merged --out "$WORK/out" --name bench
+rm -rf "$WORK/out/merged"
 run_timed retort-q8_0 "$RETORT" -q export --base "$WORK/base" --format gguf:q8_0 --out "$WORK/out" --name bench
 run_timed retort-q4_k_m "$RETORT" -q export --base "$WORK/base" --format gguf:q4_k_m --out "$WORK/out" --name bench
 run_timed retort-bf16 "$RETORT" -q export --base "$WORK/base" --format gguf:bf16 --out "$WORK/out" --name bench

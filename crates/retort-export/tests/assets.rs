@@ -101,3 +101,92 @@ fn sentencepiece_model_matches_llama_cpp_vocabulary() {
     let gguf = GgufFile::open(&a.join("vocab-gguf/ggml-vocab-llama-spm.gguf")).unwrap();
     check(&tok, &gguf, true, "llama2-spm");
 }
+
+/// The public config.json fields of the models in ollama/convert-testdata (the fields the GGUF model
+/// keys come from), and the file type of Ollama's conversion (F16).
+const TESTDATA_CONFIGS: &[(&str, &str)] = &[
+    (
+        "Meta-Llama-3-8B-Instruct",
+        r#"{"architectures":["LlamaForCausalLM"],"hidden_size":4096,"intermediate_size":14336,
+        "max_position_embeddings":8192,"num_attention_heads":32,"num_hidden_layers":32,"num_key_value_heads":8,
+        "rms_norm_eps":1e-05,"rope_theta":500000.0,"vocab_size":128256,"tie_word_embeddings":false}"#,
+    ),
+    (
+        "Qwen2.5-0.5B-Instruct",
+        r#"{"architectures":["Qwen2ForCausalLM"],"hidden_size":896,"intermediate_size":4864,
+        "max_position_embeddings":32768,"num_attention_heads":14,"num_hidden_layers":24,"num_key_value_heads":2,
+        "rms_norm_eps":1e-06,"rope_theta":1000000.0,"vocab_size":151936,"tie_word_embeddings":true,
+        "sliding_window":32768,"use_sliding_window":false,"max_window_layers":21}"#,
+    ),
+    (
+        "gemma-2-2b-it",
+        r#"{"architectures":["Gemma2ForCausalLM"],"hidden_size":2304,"intermediate_size":9216,
+        "max_position_embeddings":8192,"num_attention_heads":8,"num_hidden_layers":26,"num_key_value_heads":4,
+        "head_dim":256,"rms_norm_eps":1e-06,"vocab_size":256000,"attn_logit_softcapping":50.0,
+        "final_logit_softcapping":30.0,"query_pre_attn_scalar":256,"sliding_window":4096,"rope_theta":10000.0}"#,
+    ),
+    (
+        "gemma-2-9b-it",
+        r#"{"architectures":["Gemma2ForCausalLM"],"hidden_size":3584,"intermediate_size":14336,
+        "max_position_embeddings":8192,"num_attention_heads":16,"num_hidden_layers":42,"num_key_value_heads":8,
+        "head_dim":256,"rms_norm_eps":1e-06,"vocab_size":256000,"attn_logit_softcapping":50.0,
+        "final_logit_softcapping":30.0,"query_pre_attn_scalar":256,"sliding_window":4096,"rope_theta":10000.0}"#,
+    ),
+    (
+        "Mistral-7B-Instruct-v0.2",
+        r#"{"architectures":["MistralForCausalLM"],"hidden_size":4096,"intermediate_size":14336,
+        "max_position_embeddings":32768,"num_attention_heads":32,"num_hidden_layers":32,"num_key_value_heads":8,
+        "rms_norm_eps":1e-05,"rope_theta":1000000.0,"vocab_size":32000,"sliding_window":null,"tie_word_embeddings":false}"#,
+    ),
+    (
+        "Phi-3-mini-128k-instruct",
+        r#"{"architectures":["Phi3ForCausalLM"],"hidden_size":3072,"intermediate_size":8192,
+        "max_position_embeddings":131072,"original_max_position_embeddings":4096,"num_attention_heads":32,
+        "num_hidden_layers":32,"num_key_value_heads":32,"rms_norm_eps":1e-05,"rope_theta":10000.0,
+        "sliding_window":262144,"vocab_size":32064,"rope_scaling":{"type":"longrope","long_factor":LONG,"short_factor":LONG}}"#,
+    ),
+];
+
+/// retort's model keys against Ollama's conversions of real models: every `{arch}.*` and
+/// `general.architecture` / `general.file_type` key Ollama writes, retort writes with the same value.
+/// (Ollama leaves out some keys llama.cpp writes, e.g. Gemma 2's soft-capping for the 2B model and
+/// Mistral's rope.freq_base; retort follows llama.cpp, so it may write more.)
+#[test]
+fn model_keys_match_ollama_convert_testdata() {
+    use retort_export::convert::meta::{Hparams, write_model_keys};
+    use retort_export::gguf::GgufHeader;
+    let Some(a) = assets() else { return };
+    let long = format!("[{}]", vec!["1.0"; 48].join(","));
+    for (name, cfg_text) in TESTDATA_CONFIGS {
+        let text = cfg_text.replace("LONG", &long);
+        let raw: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let cfg = ModelConfig::parse(&text, Path::new("config.json")).unwrap();
+        let mut h = GgufHeader::new();
+        h.set("general.architecture", Value::str(cfg.arch.gguf_arch()));
+        write_model_keys(&mut h, &cfg, &Hparams::new(&raw), 1);
+        let theirs: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(a.join("ollama/convert-testdata").join(format!("{name}.json"))).unwrap(),
+        )
+        .unwrap();
+        let arch = cfg.arch.gguf_arch();
+        let mut n = 0;
+        for (k, v) in theirs.as_object().unwrap() {
+            if !(k.starts_with(&format!("{arch}."))
+                || k == "general.architecture"
+                || k == "general.file_type")
+            {
+                continue;
+            }
+            let ours = h.get(k).unwrap_or_else(|| panic!("{name}: retort does not write `{k}`"));
+            let want = v.as_str().unwrap();
+            let same = match ours {
+                Value::String(_) => ours.as_str() == Some(want),
+                Value::F32(x) => want.parse::<f32>().unwrap() == *x,
+                other => other.as_u64() == want.parse::<u64>().ok(),
+            };
+            assert!(same, "{name}: `{k}` = {} but Ollama writes {want}", ours.summary(20));
+            n += 1;
+        }
+        eprintln!("{name}: {n} model keys equal to Ollama's conversion");
+    }
+}
