@@ -66,6 +66,22 @@ fn merge_matches_peft_merge_and_unload() {
     }
 }
 
+/// The bf16 output is exactly the f32 merge rounded to bf16 (round to nearest even), tensor for tensor.
+#[test]
+fn bf16_outputs_are_the_exact_rounding_of_the_f32_merge() {
+    use retort_export::quant::float::round_bf16;
+    for family in FAMILIES.into_iter().filter(|f| *f != "llama") {
+        let dir = fixture(family);
+        let bf16 = Model::open(&dir.join("base"), Some(&dir.join("adapter")), None).unwrap();
+        let f32m = Model::open(&dir.join("base"), Some(&dir.join("adapter")), Some(OutDtype::F32)).unwrap();
+        for spec in &bf16.specs {
+            let a = bf16.values(&spec.name).unwrap();
+            let b: Vec<f32> = f32m.values(&spec.name).unwrap().into_iter().map(round_bf16).collect();
+            assert!(a == b, "{family} {}", spec.name);
+        }
+    }
+}
+
 #[test]
 fn merge_in_f32_from_a_bf16_base_is_within_1e_6() {
     let dir = fixture("qwen3");
