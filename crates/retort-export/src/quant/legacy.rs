@@ -114,6 +114,22 @@ pub fn q5_1(x: &[f32], out: &mut [u8]) {
     out[4..8].copy_from_slice(&qh.to_le_bytes());
 }
 
+/// C's `roundf` (half away from zero) for |v| < 2^23, without a libm call: truncate, then step by
+/// one when the remainder reaches a half. Baseline x86-64 has no rounding instruction, and `f32::round`
+/// would be a function call per value.
+#[inline(always)]
+fn round_half_away(v: f32) -> f32 {
+    let t = v as i32 as f32;
+    let d = v - t;
+    if d >= 0.5 {
+        t + 1.0
+    } else if d <= -0.5 {
+        t - 1.0
+    } else {
+        t
+    }
+}
+
 /// One Q8_0 block (34 bytes): `d` f16, 32 signed bytes, `x = q * d`.
 pub fn q8_0(x: &[f32], out: &mut [u8]) {
     let mut amax = 0.0f32;
@@ -125,7 +141,7 @@ pub fn q8_0(x: &[f32], out: &mut [u8]) {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     put_f16(out, 0, d);
     for j in 0..QK {
-        out[2 + j] = ((x[j] * id).round() as i8) as u8;
+        out[2 + j] = (round_half_away(x[j] * id) as i8) as u8;
     }
 }
 
@@ -182,5 +198,30 @@ pub fn dq8_0(b: &[u8], y: &mut [f32]) {
     let d = get_f16(b, 0);
     for j in 0..QK {
         y[j] = (b[2 + j] as i8) as f32 * d;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_half_away_is_roundf() {
+        let mut v = -130.0f32;
+        while v <= 130.0 {
+            for x in [
+                v,
+                v + 0.5,
+                v - 0.5,
+                f32::from_bits(v.to_bits() + 1),
+                f32::from_bits(v.to_bits().saturating_sub(1)),
+            ] {
+                assert_eq!(round_half_away(x), x.round(), "{x}");
+            }
+            v += 0.25;
+        }
+        for x in [0.49999997f32, -0.49999997, 0.5, -0.5, 1.4999999, 126.5, -126.5, 0.0, -0.0] {
+            assert_eq!(round_half_away(x), x.round(), "{x}");
+        }
     }
 }
