@@ -199,3 +199,45 @@ fn dora_and_whole_tensors_are_refused_for_gguf_lora_with_a_reason() {
     assert!(e.hint().unwrap().contains("gguf:TYPE"), "{:?}", e.hint());
     assert!(!tmp.path().join("m-lora-F32.gguf").exists());
 }
+
+/// Without tokenizer.model, a SentencePiece-style tokenizer.json (byte-fallback BPE) gives the same
+/// tokens, byte tokens typed as such, and scores that order merges as the BPE ranks do.
+#[test]
+fn sentencepiece_vocabulary_from_tokenizer_json_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    for e in std::fs::read_dir(fixture("mistral").join("base")).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "tokenizer.model" {
+            std::fs::copy(e.path(), base.join(e.file_name())).unwrap();
+        }
+    }
+    let cfg = retort_hf::ModelConfig::load(&base).unwrap();
+    let spm =
+        retort_export::tokenizer::Tokenizer::load(&fixture("mistral").join("base"), &cfg, None).unwrap();
+    let hf = retort_export::tokenizer::Tokenizer::load(&base, &cfg, None).unwrap();
+    assert_eq!(hf.vocab.model, "llama");
+    assert_eq!(hf.vocab.tokens[..400], spm.vocab.tokens[..400]);
+    let byte = hf.vocab.tokens.iter().position(|t| t == "<0x41>").unwrap();
+    assert_eq!(hf.vocab.types[byte], 6);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("tokenizer.json")).unwrap()).unwrap();
+    let merges = json["model"]["merges"].as_array().unwrap();
+    let scores = hf.vocab.scores.as_ref().unwrap();
+    for (rank, m) in merges.iter().enumerate().take(50) {
+        let joined = match m {
+            serde_json::Value::String(s) => s.replace(' ', ""),
+            serde_json::Value::Array(p) => format!("{}{}", p[0].as_str().unwrap(), p[1].as_str().unwrap()),
+            _ => unreachable!(),
+        };
+        let id = hf.vocab.tokens.iter().position(|t| *t == joined).unwrap();
+        assert!(scores[id] >= -(rank as f32), "{joined}: score {} for merge rank {rank}", scores[id]);
+    }
+    retort_export::run(
+        &job(&base, None, vec![Format::Gguf(FileType::Q8_0)], &tmp.path().join("o"), None),
+        &Disk,
+        &NoProgress,
+    )
+    .unwrap();
+}
