@@ -225,6 +225,20 @@ impl Model {
         Ok(w)
     }
 
+    /// The stored tensor, when the output keeps it exactly (no adapter change, same dtype): writers can
+    /// encode it straight from its bytes.
+    pub fn unchanged_view(&self, name: &str) -> Option<retort_hf::TensorView<'_>> {
+        if let Some(a) = &self.adapter {
+            let module = name.strip_suffix(".weight").or_else(|| name.strip_suffix(".bias"));
+            if a.replaced.contains_key(name) || module.is_some_and(|m| a.modules.contains_key(m)) {
+                return None;
+            }
+        }
+        let view = self.base.get(name)?;
+        let dt = self.out_dtype(name).ok()?;
+        (view.dtype == &dt.dtype()).then_some(view)
+    }
+
     fn base_values(&self, name: &str) -> Result<Vec<f32>> {
         if let Some(a) = &self.adapter
             && let Some(key) = a.replaced.get(name)

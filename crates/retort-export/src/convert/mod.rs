@@ -231,13 +231,36 @@ pub fn write(
     let file = sink.create(path).map_err(werr)?;
     let infos = plan.header.tensors().to_vec();
     let mut w = GgufWriter::start(file, plan.header).map_err(werr)?;
+    let lint = |name: &str, reason: String| ExportError::Lint {
+        path: path.to_path_buf(),
+        problem: format!("tensor `{name}`: {reason}"),
+    };
     for (info, src) in infos.iter().zip(&plan.sources) {
         progress(&info.name);
-        let values = tensor_values(model, src, &info.shape)?;
-        let bytes = quant::quantize(info.ty, &values).map_err(|reason| ExportError::Lint {
-            path: path.to_path_buf(),
-            problem: format!("tensor `{}`: {reason}", info.name),
-        })?;
+        // Unchanged stored tensors are encoded straight from their bytes (no f32 copy).
+        let direct = match src {
+            Source::Model { name, transform: Transform::None } => {
+                model.unchanged_view(name).map(|v| (name, v))
+            }
+            _ => None,
+        };
+        let bytes = match direct {
+            Some((name, view)) => {
+                let (bytes, bad) = quant::quantize_view(info.ty, &view).map_err(|r| lint(&info.name, r))?;
+                if bad > 0 {
+                    return Err(ExportError::NonFinite {
+                        tensor: name.clone(),
+                        count: bad,
+                        origin: Some(model.dir.clone()),
+                    });
+                }
+                bytes
+            }
+            None => {
+                let values = tensor_values(model, src, &info.shape)?;
+                quant::quantize(info.ty, &values).map_err(|r| lint(&info.name, r))?
+            }
+        };
         w.write_tensor(&info.name, &bytes).map_err(werr)?;
     }
     let mut file = w.finish().map_err(werr)?;

@@ -132,10 +132,18 @@ fn round_half_away(v: f32) -> f32 {
 
 /// One Q8_0 block (34 bytes): `d` f16, 32 signed bytes, `x = q * d`.
 pub fn q8_0(x: &[f32], out: &mut [u8]) {
+    // The max of absolute values does not depend on the order of comparisons (no rounding, and all
+    // values are >= +0), so eight running maxima give ggml's result and vectorise.
+    let mut m = [0.0f32; 8];
+    for c in x[..QK].chunks_exact(8) {
+        for k in 0..8 {
+            let a = c[k].abs();
+            m[k] = if m[k] > a { m[k] } else { a };
+        }
+    }
     let mut amax = 0.0f32;
-    for &v in x {
-        let a = v.abs();
-        amax = if amax > a { amax } else { a };
+    for v in m {
+        amax = if amax > v { amax } else { v };
     }
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };

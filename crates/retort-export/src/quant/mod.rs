@@ -158,6 +158,63 @@ pub fn count_non_finite(ty: GgmlType, data: &[u8]) -> usize {
     data.par_chunks(ts * CHUNK).map(|c| c.chunks_exact(ts).filter(|b| !decode(b).is_finite()).count()).sum()
 }
 
+/// Encodes a stored tensor as `ty` straight from its bytes, chunk by chunk: no f32 copy of the whole
+/// tensor is made (the largest cost of a plain conversion). Returns the bytes and the number of
+/// non-finite input values (the caller refuses the tensor if there are any). Same bytes as
+/// [`quantize`] of [`view_to_f32`].
+pub fn quantize_view(ty: GgmlType, view: &retort_hf::TensorView<'_>) -> Result<(Vec<u8>, usize), String> {
+    let (conv, size): (fn(&[u8]) -> f32, usize) = match view.dtype {
+        retort_hf::Dtype::F32 => (|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]), 4),
+        retort_hf::Dtype::F16 => (|b| float::f16_value(u16::from_le_bytes([b[0], b[1]])), 2),
+        retort_hf::Dtype::BF16 => (|b| float::bf16_value(u16::from_le_bytes([b[0], b[1]])), 2),
+        retort_hf::Dtype::Other(d) => return Err(format!("tensor `{}` is {d}, not a float type", view.name)),
+    };
+    let n = view.numel();
+    let bs = ty.block_size();
+    if !n.is_multiple_of(bs) {
+        return Err(format!("{n} values are not a whole number of {ty} blocks ({bs})"));
+    }
+    let ts = ty.type_size();
+    let per = CHUNK.div_ceil(bs) * bs;
+    let mut out = vec![0u8; n / bs * ts];
+    let same = matches!(
+        (ty, view.dtype),
+        (GgmlType::F32, retort_hf::Dtype::F32)
+            | (GgmlType::F16, retort_hf::Dtype::F16)
+            | (GgmlType::BF16, retort_hf::Dtype::BF16)
+    );
+    let block = block_fns(ty).map(|f| f.0);
+    let bad = out
+        .par_chunks_mut(per / bs * ts)
+        .zip(view.data.par_chunks(per * size))
+        .map(|(o, d)| {
+            let x: Vec<f32> = d.chunks_exact(size).map(conv).collect();
+            let bad = x.iter().filter(|v| !v.is_finite()).count();
+            if same {
+                o.copy_from_slice(d);
+            } else if let Some(f) = block {
+                for (ob, xb) in o.chunks_exact_mut(ts).zip(x.chunks_exact(bs)) {
+                    f(xb, ob);
+                }
+            } else {
+                let enc: fn(f32) -> Vec<u8> = match ty {
+                    GgmlType::F16 => |v| float::f16_bits(v).to_le_bytes().to_vec(),
+                    GgmlType::BF16 => |v| float::bf16_bits(v).to_le_bytes().to_vec(),
+                    _ => |v| v.to_le_bytes().to_vec(),
+                };
+                for (ob, v) in o.chunks_exact_mut(ts).zip(&x) {
+                    ob.copy_from_slice(&enc(*v));
+                }
+            }
+            bad
+        })
+        .sum();
+    if block.is_none() && !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+        return Err(format!("retort cannot quantize to {ty}"));
+    }
+    Ok((out, bad))
+}
+
 /// A safetensors tensor's values as f32, converted in parallel.
 pub fn view_to_f32(view: &retort_hf::TensorView<'_>) -> Result<Vec<f32>, retort_hf::WeightsError> {
     let conv: fn(&[u8]) -> f32 = match view.dtype {
@@ -229,6 +286,34 @@ mod tests {
                 reference(block, &mut a);
                 fast(block, &mut b);
                 assert_eq!(a, b, "{ty} block {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn quantize_view_equals_quantize_of_the_values() {
+        let x = data(256 * 70);
+        for (dtype, bytes) in [
+            (
+                retort_hf::Dtype::BF16,
+                x.iter().flat_map(|&v| float::bf16_bits(v).to_le_bytes()).collect::<Vec<u8>>(),
+            ),
+            (retort_hf::Dtype::F16, x.iter().flat_map(|&v| float::f16_bits(v).to_le_bytes()).collect()),
+            (retort_hf::Dtype::F32, x.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        ] {
+            let shape = [70usize, 256];
+            let view = retort_hf::TensorView {
+                name: "t",
+                dtype: &dtype,
+                shape: &shape,
+                data: &bytes,
+                path: std::path::Path::new("t"),
+            };
+            let values = view_to_f32(&view).unwrap();
+            for ty in WRITABLE {
+                let (q, bad) = quantize_view(ty, &view).unwrap();
+                assert_eq!(bad, 0);
+                assert!(q == quantize(ty, &values).unwrap(), "{ty} from {dtype:?}");
             }
         }
     }
