@@ -341,6 +341,25 @@ fn write_merged(
         if model.spec(&e.name).is_none() && model.base.info(&e.name).is_some_and(|i| i.dtype.size() == 0) {
             return Ok(model.base.get(&e.name).map(|v| v.data.to_vec()).unwrap_or_default());
         }
+        if model.spec(&e.name).is_some()
+            && let Some(view) = model.unchanged_view(&e.name)
+        {
+            // Unchanged and already in the output dtype: the stored bytes, checked for NaN.
+            let ty = match view.dtype {
+                retort_hf::Dtype::F16 => crate::gguf::GgmlType::F16,
+                retort_hf::Dtype::BF16 => crate::gguf::GgmlType::BF16,
+                _ => crate::gguf::GgmlType::F32,
+            };
+            let bad = crate::quant::count_non_finite(ty, view.data);
+            if bad > 0 {
+                return Err(ExportError::NonFinite {
+                    tensor: e.name.clone(),
+                    count: bad,
+                    origin: Some(model.dir.clone()),
+                });
+            }
+            return Ok(view.data.to_vec());
+        }
         let values = if model.spec(&e.name).is_some() {
             model.values(&e.name)?
         } else {
