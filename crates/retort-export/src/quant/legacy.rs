@@ -114,14 +114,20 @@ pub fn q5_1(x: &[f32], out: &mut [u8]) {
     out[4..8].copy_from_slice(&qh.to_le_bytes());
 }
 
-/// C's `roundf` (half away from zero) as an integer, for |v| < 2^31, without a libm call: truncate,
-/// then step by one when the remainder reaches a half. Baseline x86-64 has no rounding instruction, so
-/// `f32::round` would be a function call per value; this vectorises to packed converts and adds.
+/// C's `(int)roundf(v)` (half away from zero) for |v| < 2^22, in float and integer arithmetic only so
+/// that it vectorises (baseline x86-64 has no rounding instruction, and Rust's `as i32` is a
+/// saturating scalar conversion): `v + 1.5 * 2^23` rounds to an integer (ties to even) whose value is
+/// in the low mantissa bits; ties the wrong way are then stepped away from zero. Larger values and NaN
+/// give 0, as x86's conversion of them gives a zero low byte in ggml's C.
 #[inline(always)]
 fn round_half_away_i32(v: f32) -> i32 {
-    let t = v as i32;
-    let d = v - t as f32;
-    t + i32::from(d >= 0.5) - i32::from(d <= -0.5)
+    const MAGIC: f32 = 12_582_912.0;
+    const MAGIC_BITS: i32 = 0x4B40_0000;
+    let s = v + MAGIC;
+    let d = v - (s - MAGIC);
+    let q =
+        s.to_bits() as i32 - MAGIC_BITS + i32::from(d == 0.5 && v > 0.0) - i32::from(d == -0.5 && v < 0.0);
+    if v.abs() < 4_194_304.0 { q } else { 0 }
 }
 
 /// One Q8_0 block (34 bytes): `d` f16, 32 signed bytes, `x = q * d`.
@@ -142,8 +148,9 @@ pub fn q8_0(x: &[f32], out: &mut [u8]) {
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     put_f16(out, 0, d);
-    for j in 0..QK {
-        out[2 + j] = round_half_away_i32(x[j] * id) as i8 as u8;
+    // Zipped slices (one bounds check up front) so the loop vectorises.
+    for (o, &v) in out[2..2 + QK].iter_mut().zip(&x[..QK]) {
+        *o = round_half_away_i32(v * id) as i8 as u8;
     }
 }
 
@@ -222,7 +229,19 @@ mod tests {
             }
             v += 0.25;
         }
-        for x in [0.49999997f32, -0.49999997, 0.5, -0.5, 1.4999999, 126.5, -126.5, 0.0, -0.0] {
+        for x in [
+            0.49999997f32,
+            -0.49999997,
+            0.5,
+            -0.5,
+            1.4999999,
+            126.5,
+            -126.5,
+            0.0,
+            -0.0,
+            4_194_303.5,
+            -4_194_302.5,
+        ] {
             assert_eq!(round_half_away_i32(x) as f32, x.round(), "{x}");
         }
     }
