@@ -421,10 +421,11 @@ fn write_merged(
 
 /// Encodes f32 values (already rounded) in a safetensors dtype.
 pub fn encode(values: &[f32], dtype: &retort_hf::Dtype) -> Vec<u8> {
-    use crate::quant::float::{bf16_bits, f16_bits};
-    match dtype {
-        retort_hf::Dtype::BF16 => values.iter().flat_map(|&v| bf16_bits(v).to_le_bytes()).collect(),
-        retort_hf::Dtype::F16 => values.iter().flat_map(|&v| f16_bits(v).to_le_bytes()).collect(),
-        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    }
+    let ty = match dtype {
+        retort_hf::Dtype::BF16 => crate::gguf::GgmlType::BF16,
+        retort_hf::Dtype::F16 => crate::gguf::GgmlType::F16,
+        _ => crate::gguf::GgmlType::F32,
+    };
+    // Plain types have blocks of one value, so this cannot fail; it runs on every core.
+    crate::quant::quantize(ty, values).unwrap_or_default()
 }

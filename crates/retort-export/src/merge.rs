@@ -201,19 +201,31 @@ impl Model {
                 }
             }
         }
-        let bad: usize = w
+        let (bad, overflow) = w
             .par_chunks_mut(1 << 16)
             .map(|c| {
-                let mut n = 0;
+                let (mut n, mut big) = (0usize, 0usize);
                 for x in c {
+                    let before = x.is_finite();
                     if !exact {
                         *x = dt.round(*x);
                     }
                     n += usize::from(!x.is_finite());
+                    big += usize::from(before && !x.is_finite());
                 }
-                n
+                (n, big)
             })
-            .sum();
+            .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        if overflow > 0 {
+            return Err(ExportError::Unsupported {
+                format: format!("merged {}", dt.torch_name()),
+                reason: format!(
+                    "{overflow} values of `{name}` are too large for {} (they would become infinity)",
+                    dt.torch_name()
+                ),
+                hint: "export with `--dtype bf16` or `--dtype f32`".into(),
+            });
+        }
         if bad > 0 {
             let origin = if self.adapter.is_some() {
                 self.adapter.as_ref().map(|a| a.dir.clone())

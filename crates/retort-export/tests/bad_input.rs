@@ -244,6 +244,24 @@ fn non_finite_adapter_values_stop_the_export() {
 }
 
 #[test]
+fn values_too_large_for_f16_are_refused_not_turned_into_infinity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    adapter_with(
+        &fixture("mistral").join("adapter"),
+        &a,
+        &[("base_model.model.lm_head.weight", vec![416, 64], 70000.0)],
+        &[],
+        None,
+    );
+    let mut j = job(&fixture("mistral").join("base"), Some(&a), vec![Format::Merged], &tmp.path().join("o"));
+    j.dtype = Some(OutDtype::F16);
+    let e = run(&j).unwrap_err();
+    assert!(e.to_string().contains("values of `lm_head.weight` are too large for float16"), "{e}");
+    assert_eq!(e.hint().as_deref(), Some("export with `--dtype bf16` or `--dtype f32`"));
+}
+
+#[test]
 fn unknown_quant_types_and_formats_list_the_valid_ones() {
     let e = Format::parse("gguf:q3_k_s").unwrap_err();
     assert_eq!(
