@@ -58,7 +58,10 @@ pub enum Command {
     /// Write a model's logits for given tokens to a `.npy` file, to compare with transformers or llama.cpp.
     Logits(LogitsArgs),
 
-    /// Describe a model: architecture, size, and the memory LoRA and QLoRA training would need.
+    /// Write the model for serving: merged safetensors, GGUF, adapters, Ollama Modelfile.
+    Export(crate::cmd::export::ExportArgs),
+
+    /// Look inside models and model files: what a model needs to train, what a GGUF file holds.
     #[command(subcommand)]
     Inspect(InspectCommand),
 }
@@ -276,5 +279,16 @@ pub enum InspectCommand {
         /// LoRA rank for the memory estimate (all linear layers).
         #[arg(long, default_value_t = 16)]
         rank: usize,
+    },
+
+    /// Print a GGUF file's metadata and tensor table (shapes outermost first, as in PyTorch).
+    Gguf {
+        /// The GGUF file.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+
+        /// Print whole strings and arrays instead of a short summary (token lists can be long).
+        #[arg(long)]
+        full: bool,
     },
 }

@@ -41,6 +41,7 @@ fn run(cli: Cli, ui: &Ui) -> anyhow::Result<Exit> {
         Command::Distill { recipe, dry_run } => cmd::distill::run(ui, &recipe, dry_run),
         Command::Generate(args) => cmd::model::generate(ui, args),
         Command::Logits(args) => cmd::model::logits(ui, args),
+        Command::Export(args) => cmd::export::run(ui, args),
         Command::Inspect(cmd) => cmd::inspect::run(ui, cmd),
     }
 }

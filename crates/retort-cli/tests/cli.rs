@@ -8,5 +8,8 @@ fn transcripts() {
     trycmd::TestCases::new()
         .env("NO_COLOR", "1")
         .env("RETORT_LOG_FORMAT", "human")
+        // Hub ids resolve from an empty cache and never reach the network: same output on every machine.
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", "/nonexistent/retort-test-hub-cache")
         .case("../../tests/cmd/*.trycmd");
 }

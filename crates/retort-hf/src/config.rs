@@ -311,8 +311,8 @@ pub struct HfConfig {
     pub rope_local_base_freq: Option<f64>,
     /// RoPE scaling object (transformers 4).
     pub rope_scaling: Option<Value>,
-    /// RoPE parameters (transformers 5): `rope_type`, `rope_theta` and the scaling fields in one object,
-    /// or one such object per layer type (`full_attention`, `sliding_attention`).
+    /// transformers 5's replacement for `rope_theta` and `rope_scaling`: one object (`rope_type`,
+    /// `rope_theta`, scaling fields) or one per layer type (`full_attention`, `sliding_attention`).
     pub rope_parameters: Option<Value>,
     /// Phi-3/4: fraction of each head that is rotated.
     pub partial_rotary_factor: Option<f64>,
@@ -351,6 +351,38 @@ pub struct HfConfig {
     pub torch_dtype: Option<String>,
     /// Saved dtype (newer transformers).
     pub dtype: Option<String>,
+}
+
+impl HfConfig {
+    /// The config with `rope_theta`, `rope_scaling`, `rope_local_base_freq` and
+    /// `partial_rotary_factor` filled from `rope_parameters` where they are absent (configs saved by
+    /// transformers 5 carry only `rope_parameters`; older ones only the flat fields).
+    pub fn with_rope_parameters(&self) -> HfConfig {
+        let mut c = self.clone();
+        let Some(Value::Object(p)) = &self.rope_parameters else { return c };
+        let full = match p.get("full_attention") {
+            Some(Value::Object(f)) => f,
+            _ => p,
+        };
+        if c.rope_theta.is_none() {
+            c.rope_theta = full.get("rope_theta").and_then(Value::as_f64);
+        }
+        if c.partial_rotary_factor.is_none() {
+            c.partial_rotary_factor = full.get("partial_rotary_factor").and_then(Value::as_f64);
+        }
+        if c.rope_local_base_freq.is_none() {
+            c.rope_local_base_freq =
+                p.get("sliding_attention").and_then(|s| s.get("rope_theta")).and_then(Value::as_f64);
+        }
+        let kind = full.get("rope_type").or_else(|| full.get("type")).and_then(Value::as_str);
+        if c.rope_scaling.is_none() && kind.is_some_and(|k| k != "default") {
+            let mut scaling = full.clone();
+            scaling.remove("rope_theta");
+            scaling.remove("partial_rotary_factor");
+            c.rope_scaling = Some(Value::Object(scaling));
+        }
+        c
+    }
 }
 
 /// `x > 0`, false for NaN (so a NaN in a config is rejected).
@@ -398,6 +430,8 @@ impl ModelConfig {
 
     /// Validates a parsed config into family behaviour.
     pub fn from_hf(raw: &HfConfig, path: &Path) -> Result<ModelConfig, ConfigError> {
+        let normalized = raw.with_rope_parameters();
+        let raw = &normalized;
         let field = |field: &'static str, problem: String| ConfigError::Field {
             path: path.to_path_buf(),
             field,
@@ -874,6 +908,37 @@ mod tests {
             matches!(&c.rope_scaling, RopeScaling::LongRope { short_factor, original_max_position_embeddings: 4096, .. } if short_factor.len() == 48)
         );
         assert_eq!(c.layers[0], LayerAttention::Sliding { window: 262144 });
+    }
+
+    #[test]
+    fn transformers_5_rope_parameters() {
+        // What transformers 5 saves for Llama 3.2: no rope_theta, no rope_scaling.
+        let c = parse(
+            r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"vocab_size":320,
+            "rope_parameters":{"factor":32.0,"high_freq_factor":4.0,"low_freq_factor":1.0,
+            "original_max_position_embeddings":64,"rope_theta":500000.0,"rope_type":"llama3"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { original_max_position_embeddings: 64, .. }));
+        // Gemma 3: one object per layer type.
+        let c = parse(r#"{"architectures":["Gemma3ForCausalLM"],"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,"vocab_size":320,
+            "sliding_window":32,"layer_types":["sliding_attention","full_attention"],
+            "rope_parameters":{"full_attention":{"rope_theta":1000000.0,"rope_type":"linear","factor":8.0},
+            "sliding_attention":{"rope_theta":10000.0,"rope_type":"default"}}}"#)
+        .unwrap();
+        assert_eq!((c.rope_theta, c.rope_local_theta), (1_000_000.0, Some(10_000.0)));
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 8.0 });
+        // A flat field wins over rope_parameters.
+        let c = parse(
+            r#"{"architectures":["Qwen2ForCausalLM"],"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":4,"vocab_size":320,"rope_theta":5.0,
+            "rope_parameters":{"rope_theta":1000000.0,"rope_type":"default"}}"#,
+        )
+        .unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling.clone()), (5.0, RopeScaling::None));
     }
 
     #[test]

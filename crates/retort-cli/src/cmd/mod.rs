@@ -1,6 +1,8 @@
 //! One module per command group.
 
+pub mod base;
 pub mod distill;
+pub mod export;
 pub mod inspect;
 pub mod model;
 pub mod recipe;

@@ -1,0 +1,48 @@
+//! The recipe's base model as a local directory: a directory as it is, a hub id through the hub cache
+//! (downloaded once, resumable, `HF_HUB_OFFLINE` respected), a built-in model written once under
+//! `<output_dir>/builtin/NAME`.
+
+use std::path::{Path, PathBuf};
+
+use retort_recipe::Recipe;
+use retort_recipe::types::ModelRef;
+
+use crate::cmd::model::resolve_model;
+use crate::exit::CliError;
+use crate::ui::Ui;
+
+/// A base model ready to load.
+pub(crate) struct Base {
+    /// The HF-format directory.
+    pub dir: PathBuf,
+    /// What the recipe calls it (hub id, path or `builtin:NAME`), for adapter configs and reports.
+    #[expect(dead_code, reason = "read by `retort train`, the next commit")]
+    pub name: String,
+}
+
+/// Where a built-in model is written for a recipe.
+pub(crate) fn builtin_dir(recipe: &Recipe, name: &str) -> PathBuf {
+    recipe.project.output_dir.join("builtin").join(name)
+}
+
+/// Resolves `base.model` of a loaded recipe (paths in it are already absolute).
+pub(crate) fn resolve(ui: &Ui, recipe: &Recipe) -> anyhow::Result<Base> {
+    let name = recipe.base.model.to_string();
+    let dir = match &recipe.base.model {
+        ModelRef::Local(p) => {
+            if !p.is_dir() {
+                return Err(CliError::input(format!("`base.model`: directory `{}` does not exist", p.display()))
+                    .hint("a base model directory holds config.json, *.safetensors and tokenizer.json")
+                    .into());
+            }
+            p.clone()
+        }
+        ModelRef::Hub { repo } => resolve_model(ui, Path::new(repo), &recipe.base.revision)?,
+        ModelRef::Builtin(n) => {
+            let dir = builtin_dir(recipe, n);
+            retort_model::builtin::materialize(n, &dir)
+                .map_err(|e| CliError::input(e.to_string()).hint("built-in models: tiny-llama"))?
+        }
+    };
+    Ok(Base { dir, name })
+}
