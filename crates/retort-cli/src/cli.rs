@@ -52,6 +52,25 @@ pub enum Command {
         dry_run: bool,
     },
 
+    /// Train LoRA adapters on the base model from `train.jsonl` (and `val.jsonl`) in `project.data_dir`.
+    ///
+    /// Checkpoints go to `<output_dir>/train`, the final PEFT adapter to `<output_dir>/adapter`. Ctrl-C
+    /// or SIGTERM stops cleanly with a checkpoint (exit 4); running the same command again resumes
+    /// from it, ending exactly where an uninterrupted run would.
+    Train {
+        /// The recipe file.
+        #[arg(value_name = "RECIPE")]
+        recipe: PathBuf,
+
+        /// Discard the checkpoints and the adapter of earlier runs and start over.
+        #[arg(long)]
+        fresh: bool,
+
+        /// Read and pack the data, print the plan (steps, tokens, memory, compute) and train nothing.
+        #[arg(long)]
+        plan: bool,
+    },
+
     /// Generate text with a model: one prompt, or a chat read from standard input (`--chat`).
     Generate(GenerateArgs),
 

@@ -39,6 +39,7 @@ fn run(cli: Cli, ui: &Ui) -> anyhow::Result<Exit> {
     match cli.command {
         Command::Recipe(cmd) => cmd::recipe::run(ui, cmd),
         Command::Distill { recipe, dry_run } => cmd::distill::run(ui, &recipe, dry_run),
+        Command::Train { recipe, fresh, plan } => cmd::train::run(ui, &recipe, fresh, plan),
         Command::Generate(args) => cmd::model::generate(ui, args),
         Command::Logits(args) => cmd::model::logits(ui, args),
         Command::Export(args) => cmd::export::run(ui, args),

@@ -16,7 +16,6 @@ pub(crate) struct Base {
     /// The HF-format directory.
     pub dir: PathBuf,
     /// What the recipe calls it (hub id, path or `builtin:NAME`), for adapter configs and reports.
-    #[expect(dead_code, reason = "read by `retort train`, the next commit")]
     pub name: String,
 }
 
@@ -31,9 +30,12 @@ pub(crate) fn resolve(ui: &Ui, recipe: &Recipe) -> anyhow::Result<Base> {
     let dir = match &recipe.base.model {
         ModelRef::Local(p) => {
             if !p.is_dir() {
-                return Err(CliError::input(format!("`base.model`: directory `{}` does not exist", p.display()))
-                    .hint("a base model directory holds config.json, *.safetensors and tokenizer.json")
-                    .into());
+                return Err(CliError::input(format!(
+                    "`base.model`: directory `{}` does not exist",
+                    p.display()
+                ))
+                .hint("a base model directory holds config.json, *.safetensors and tokenizer.json")
+                .into());
             }
             p.clone()
         }

@@ -6,3 +6,4 @@ pub mod export;
 pub mod inspect;
 pub mod model;
 pub mod recipe;
+pub mod train;

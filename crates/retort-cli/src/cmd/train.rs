@@ -1,0 +1,190 @@
+//! `retort train RECIPE [--fresh] [--plan]`.
+//!
+//! Loads the recipe, resolves the base model and the device, takes the run lock on
+//! `<output_dir>/train`, and runs (or resumes) training until it finishes, a signal arrives (exit 4
+//! with a checkpoint) or `train.max_time` is reached (exit 4). A second Ctrl-C exits at once; the last
+//! checkpoint is intact either way.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use retort_model::Precision;
+use retort_model::device::select;
+use retort_recipe::LoadError;
+use retort_recipe::schema::project::Dtype;
+use retort_train::{Layout, Outcome, Plan, Setup, TrainError};
+
+use crate::cmd::recipe::{print_read_error, print_report};
+use crate::exit::{CliError, Exit};
+use crate::progress::CliProgress;
+use crate::ui::Ui;
+
+fn gib(bytes: f64) -> String {
+    format!("{:.2} GiB", bytes / (1u64 << 30) as f64)
+}
+
+fn train_error(e: &TrainError) -> CliError {
+    let c = CliError::input(e.to_string()).hint(e.hint());
+    if e.is_input() { c } else { CliError { exit: Exit::Internal, ..c } }
+}
+
+pub fn run(ui: &Ui, file: &Path, fresh: bool, plan_only: bool) -> anyhow::Result<Exit> {
+    let loaded = match retort_recipe::load(file) {
+        Ok(l) => l,
+        Err(LoadError::Invalid(report)) => {
+            print_report(ui, &report);
+            return Ok(Exit::BadInput);
+        }
+        Err(LoadError::Read(e)) => {
+            print_read_error(ui, &e);
+            return Ok(Exit::BadInput);
+        }
+    };
+    print_report(ui, &loaded.report);
+    let recipe = loaded.recipe;
+    let base = crate::cmd::base::resolve(ui, &recipe)?;
+    let device = select(recipe.train.device).map_err(|e| {
+        CliError::input(format!("`train.device`: {e}"))
+            .hint("use `device = \"cpu\"`, or build retort with `--features wgpu` (or `cuda`) for a GPU")
+    })?;
+    let precision = match recipe.base.dtype {
+        Dtype::Auto => device.auto_precision(),
+        Dtype::F32 => Precision::F32,
+        Dtype::F16 => Precision::F16,
+        Dtype::Bf16 => Precision::Bf16,
+    };
+    let layout = Layout::of(&recipe);
+
+    if plan_only {
+        let (tok, template, _) =
+            retort_train::run::text_tools(&recipe, &base.dir).map_err(|e| train_error(&e))?;
+        let data =
+            retort_train::run::load_data(&recipe, &layout, &tok, &template).map_err(|e| train_error(&e))?;
+        let config = retort_hf::ModelConfig::load(&base.dir).map_err(|e| CliError::input(e.to_string()))?;
+        let plan = retort_train::run::plan(&recipe, &data, &config, device.gpu);
+        if ui.json {
+            ui.stdout_line(&serde_json::json!({"plan": plan, "train_data": data.train_report}).to_string());
+        } else {
+            ui.stdout_line(&data.train_report.to_string());
+            if let Some(v) = &data.val_report {
+                ui.stdout_line(&v.to_string());
+            }
+            print_plan(ui, &plan, &device.name, precision);
+        }
+        return Ok(Exit::Ok);
+    }
+
+    let _lock = retort_io::RunLock::acquire(&layout.train_dir, &format!("retort train {}", file.display()))
+        .map_err(|e| {
+        CliError::input(e.to_string())
+            .hint("wait for the other run to finish; a lock left by a killed run is taken over automatically")
+    })?;
+    // SIGINT/SIGTERM ask for a clean stop (checkpoint, exit 4); a second one while stopping exits now.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, Exit::Limit.code().into(), stop.clone())?;
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    ui.status(
+        "training",
+        &format!(
+            "{} on {} ({}) in {precision:?}, adapters in {}",
+            base.name,
+            device.name,
+            base.dir.display(),
+            layout.adapter_dir.display()
+        ),
+    );
+    let setup = Setup {
+        base_dir: base.dir,
+        base_name: base.name,
+        device: device.device,
+        gpu: device.gpu,
+        precision,
+        fresh,
+    };
+    let progress = CliProgress::new(ui);
+    match retort_train::run(&recipe, &setup, &progress, &stop) {
+        Ok(Outcome::Finished(r)) => {
+            if ui.json {
+                ui.stdout_line(&serde_json::to_string(&r)?);
+            }
+            ui.status(
+                "trained",
+                &format!(
+                    "{} steps in {:.1}s ({:.0} tokens/s), loss {} -> {}{}",
+                    r.steps,
+                    r.elapsed_s,
+                    r.tokens_per_s,
+                    fmt_loss(r.first_loss),
+                    fmt_loss(r.final_loss),
+                    match r.best_val {
+                        Some((step, v)) => format!(", best validation loss {v:.4} at step {step}"),
+                        None => String::new(),
+                    }
+                ),
+            );
+            if r.skipped_steps > 0 {
+                ui.status("warning", &format!("{} steps skipped for a non-finite loss", r.skipped_steps));
+            }
+            ui.status("wrote", &format!("the adapter to {}", r.adapter.display()));
+            ui.status(
+                "report",
+                &format!(
+                    "{} (loss curve: {})",
+                    layout.train_dir.join("report.json").display(),
+                    layout.train_dir.join("loss.svg").display()
+                ),
+            );
+            Ok(Exit::Ok)
+        }
+        Ok(Outcome::UpToDate { adapter }) => {
+            ui.status(
+                "up to date",
+                &format!("{} matches the recipe, data and base; `--fresh` trains again", adapter.display()),
+            );
+            Ok(Exit::Ok)
+        }
+        Ok(Outcome::Stopped { step, total, checkpoint, reason }) => {
+            let why = if reason == "max_time" { "`train.max_time` reached" } else { "stopped by a signal" };
+            ui.error(
+                &format!("{why} after step {step} of {total}; checkpoint {}", checkpoint.display()),
+                Some("run the same command again to resume from it"),
+            );
+            Ok(Exit::Limit)
+        }
+        Err(e) => Err(train_error(&e).into()),
+    }
+}
+
+fn fmt_loss(l: Option<f64>) -> String {
+    l.map_or_else(|| "-".into(), |v| format!("{v:.4}"))
+}
+
+fn print_plan(ui: &Ui, p: &Plan, device: &str, precision: Precision) {
+    let m = &p.memory;
+    ui.stdout_line(&format!(
+        "steps          {} ({} per epoch of {} rows, warmup {})\n\
+         evaluate/save  every {} / {} steps\n\
+         tokens         {} per epoch, {} with loss\n\
+         device         {device} in {precision:?}, activation checkpointing {}\n\
+         memory         about {} (weights {}, adapters+AdamW {}, activations {}, logits {})\n\
+         compute        {:.3} PFLOP per epoch",
+        p.total_steps,
+        p.steps_per_epoch,
+        p.rows,
+        p.warmup_steps,
+        p.eval_every,
+        p.save_every,
+        p.tokens_per_epoch,
+        p.label_tokens_per_epoch,
+        if p.checkpointing { "on" } else { "off" },
+        gib(m.total()),
+        gib(m.weights),
+        gib(m.adapters),
+        gib(m.activations),
+        gib(m.logits),
+        p.flops_per_epoch / 1e15
+    ));
+}
