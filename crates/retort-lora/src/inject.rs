@@ -179,7 +179,7 @@ pub fn attach(model: Transformer, spec: &AdapterSpec, seed: u64) -> Result<Trans
         if !targets.contains(&site.target) {
             return lin;
         }
-        let device = lin.weight.val().device();
+        let device = lin.weight.device();
         let (inp, out) = (lin.in_features(), lin.out_features());
         let bound = 1.0 / (inp as f32).sqrt();
         let mut rng = SplitMix(seed_for(seed, &site.path));

@@ -6,7 +6,9 @@
 //!
 //! [`nf4`] is the 4-bit NormalFloat quantization QLoRA keeps its frozen base in, bit-exact with
 //! bitsandbytes (the packed codes, the per-block absmax and its double quantization), on plain `Vec`s
-//! in bitsandbytes' layout so a tensor framework can take them to a device as they are.
+//! in bitsandbytes' layout so a tensor framework can take them to a device as they are; [`qlora`] loads a
+//! base with its projections quantized and puts them on the device, where `retort_model::nf4`
+//! dequantizes them inside the forward.
 //!
 //! The adapter forward pass itself lives in `retort_model::lora`, because the model's projections
 //! compute with it; training lives in `retort-train`.
@@ -14,6 +16,7 @@
 pub mod inject;
 pub mod nf4;
 pub mod peft;
+pub mod qlora;
 
 pub use inject::{AdapterSpec, LoraError, attach};
 pub use nf4::{

@@ -157,7 +157,7 @@ pub fn load_adapter(model: Transformer, dir: &Path) -> Result<(Transformer, Adap
                     site.path
                 )));
             }
-            let device = lin.weight.val().device();
+            let device = lin.weight.device();
             let t2 = |v: Vec<f32>, s: [usize; 2]| Tensor::<2>::from_data(TensorData::new(v, s), (&device, DType::F32)).pipe_trainable();
             let magnitude = match read(&km)? {
                 Some((m, sm)) if sm == [out] => {

@@ -1,18 +1,63 @@
 //! The one linear layer every family builds its projections with, so that LoRA (and QLoRA) attach to
 //! any projection without family code changing. The weight keeps PyTorch's `[out, in]` layout (the
 //! matmul reads it transposed without a copy), so adapters and exports see the checkpoint's own
-//! orientation. Base weights are frozen: retort never trains them.
+//! orientation. Base weights are frozen: retort never trains them. A QLoRA base keeps its projections
+//! in NF4 ([`Weight::Nf4`]) and dequantizes them in each forward; nothing else changes.
 
 use burn::module::{Module, Param};
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor};
 
 use crate::lora::Lora;
+use crate::nf4::Nf4Weight;
+
+/// A frozen weight `[out, in]`: dense, or NF4 dequantized on use.
+#[derive(Module, Debug)]
+pub enum Weight {
+    /// In the model's dtype.
+    Dense(Param<Tensor<2>>),
+    /// Packed NF4 (QLoRA); no dense copy is kept.
+    Nf4(Nf4Weight),
+}
+
+impl Weight {
+    /// The weight as a dense tensor in the compute dtype (dequantized for NF4, each call).
+    pub fn val(&self) -> Tensor<2> {
+        match self {
+            Weight::Dense(w) => w.val(),
+            Weight::Nf4(q) => q.dequantize(),
+        }
+    }
+
+    /// `[out, in]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            Weight::Dense(w) => w.val().dims(),
+            Weight::Nf4(q) => q.shape,
+        }
+    }
+
+    /// The device it lives on.
+    pub fn device(&self) -> Device {
+        match self {
+            Weight::Dense(w) => w.val().device(),
+            Weight::Nf4(q) => q.device(),
+        }
+    }
+
+    /// The NF4 parts, when quantized.
+    pub fn nf4(&self) -> Option<&Nf4Weight> {
+        match self {
+            Weight::Dense(_) => None,
+            Weight::Nf4(q) => Some(q),
+        }
+    }
+}
 
 /// `y = x W^T + b`, plus an optional low-rank adapter.
 #[derive(Module, Debug)]
 pub struct Linear {
     /// `[out, in]`.
-    pub weight: Param<Tensor<2>>,
+    pub weight: Weight,
     /// `[out]`.
     pub bias: Option<Param<Tensor<1>>>,
     /// A trainable adapter, when this projection is a LoRA target.
@@ -22,21 +67,26 @@ pub struct Linear {
 impl Linear {
     /// A frozen linear layer from its weight and optional bias.
     pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Linear {
-        Linear {
-            weight: Param::from_tensor(weight).set_require_grad(false),
-            bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)),
-            lora: None,
-        }
+        Linear::with_weight(Weight::Dense(Param::from_tensor(weight).set_require_grad(false)), bias)
+    }
+
+    /// A frozen linear layer over an NF4 weight (QLoRA).
+    pub fn nf4(weight: Nf4Weight, bias: Option<Tensor<1>>) -> Linear {
+        Linear::with_weight(Weight::Nf4(weight), bias)
+    }
+
+    fn with_weight(weight: Weight, bias: Option<Tensor<1>>) -> Linear {
+        Linear { weight, bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)), lora: None }
     }
 
     /// Output features.
     pub fn out_features(&self) -> usize {
-        self.weight.val().dims()[0]
+        self.weight.dims()[0]
     }
 
     /// Input features.
     pub fn in_features(&self) -> usize {
-        self.weight.val().dims()[1]
+        self.weight.dims()[1]
     }
 
     /// Applies the layer to `[batch, seq, in]`; `train` turns adapter dropout on.

@@ -2,38 +2,52 @@
 //! safetensors file and created on the target device in the target dtype, one at a time (no full f32
 //! copy of the model in RAM). The load is checked against the family's tensor table first; missing or
 //! misshapen tensors are an error that names them.
+//!
+//! QLoRA: [`Transformer::load_quantized`] hands each adaptable projection's checkpoint tensor (still
+//! the mapped bytes) to a quantizer, which returns its NF4 form; the dense tensor is never built, on
+//! the host or the device, so peak memory is one projection's packed codes beyond the quantized model.
+//! The quantizer is a callback because the quantizer itself lives in `retort-lora`, which depends on
+//! this crate. Embeddings, norms, biases and the LM head stay in the model's dtype, as PEFT and
+//! bitsandbytes leave them.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use burn::module::Param;
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use retort_hf::{Checkpoint, Dtype, LoadReport, ModelConfig, Role, TensorSpec};
+use retort_hf::{Checkpoint, Dtype, LoadReport, ModelConfig, Role, TensorSpec, TensorView};
 
 use crate::attention::{Attention, Qkv, SeparateQkv};
 use crate::dtype::Precision;
 use crate::error::ModelError;
 use crate::linear::Linear;
 use crate::mlp::{GateUp, Mlp, SeparateGateUp};
+use crate::nf4::Nf4Weight;
 use crate::model::{Layer, Transformer, layer_window};
 use crate::norm::RmsNorm;
+
+/// Turns an adaptable projection's checkpoint tensor into its NF4 form on the device, for a model
+/// computing in the given dtype.
+pub type Quantizer<'a> = &'a dyn Fn(&TensorView<'_>, DType, &Device) -> Result<Nf4Weight, ModelError>;
 
 struct Reader<'a> {
     ckpt: &'a Checkpoint,
     by_role: HashMap<(Option<usize>, Role), &'a TensorSpec>,
     device: &'a Device,
     dtype: DType,
+    quantize: Option<Quantizer<'a>>,
 }
 
 impl Reader<'_> {
-    fn tensor<const D: usize>(&self, layer: Option<usize>, role: Role) -> Result<Tensor<D>, ModelError> {
+    fn view(&self, layer: Option<usize>, role: Role) -> Result<TensorView<'_>, ModelError> {
         let spec = self.by_role.get(&(layer, role)).ok_or_else(|| {
             ModelError::Input(format!("the model has no {role:?} tensor for layer {layer:?}"))
         })?;
-        let view = self
-            .ckpt
-            .get(&spec.name)
-            .ok_or_else(|| ModelError::Input(format!("tensor `{}` is missing", spec.name)))?;
+        self.ckpt.get(&spec.name).ok_or_else(|| ModelError::Input(format!("tensor `{}` is missing", spec.name)))
+    }
+
+    fn tensor<const D: usize>(&self, layer: Option<usize>, role: Role) -> Result<Tensor<D>, ModelError> {
+        let view = self.view(layer, role)?;
         let src = match view.dtype {
             Dtype::F32 => DType::F32,
             Dtype::F16 => DType::F16,
@@ -41,7 +55,7 @@ impl Reader<'_> {
             Dtype::Other(d) => {
                 return Err(retort_hf::WeightsError::UnsupportedDtype {
                     path: view.path.to_path_buf(),
-                    tensor: spec.name.clone(),
+                    tensor: view.name.to_string(),
                     dtype: d.clone(),
                 }
                 .into());
@@ -58,7 +72,10 @@ impl Reader<'_> {
 
     fn linear(&self, layer: usize, weight: Role, bias: Role) -> Result<Linear, ModelError> {
         let b = if self.has(Some(layer), bias) { Some(self.tensor::<1>(Some(layer), bias)?) } else { None };
-        Ok(Linear::new(self.tensor::<2>(Some(layer), weight)?, b))
+        match self.quantize {
+            Some(q) => Ok(Linear::nf4(q(&self.view(Some(layer), weight)?, self.dtype, self.device)?, b)),
+            None => Ok(Linear::new(self.tensor::<2>(Some(layer), weight)?, b)),
+        }
     }
 
     fn norm(&self, layer: Option<usize>, role: Role, cfg: &ModelConfig) -> Result<RmsNorm, ModelError> {
@@ -78,6 +95,26 @@ impl Transformer {
         precision: Precision,
         device: &Device,
     ) -> Result<(Transformer, LoadReport), ModelError> {
+        Transformer::load_with(dir, precision, device, None)
+    }
+
+    /// [`Transformer::load`] with every adaptable projection quantized by `quantize` as it is read
+    /// (QLoRA; see the module documentation).
+    pub fn load_quantized(
+        dir: &Path,
+        precision: Precision,
+        device: &Device,
+        quantize: Quantizer<'_>,
+    ) -> Result<(Transformer, LoadReport), ModelError> {
+        Transformer::load_with(dir, precision, device, Some(quantize))
+    }
+
+    fn load_with(
+        dir: &Path,
+        precision: Precision,
+        device: &Device,
+        quantize: Option<Quantizer<'_>>,
+    ) -> Result<(Transformer, LoadReport), ModelError> {
         let config = ModelConfig::load(dir)?;
         let ckpt = Checkpoint::open(dir)?;
         let specs = retort_hf::names::tensors(&config);
@@ -85,7 +122,7 @@ impl Transformer {
         if !report.is_complete() {
             return Err(ModelError::Incomplete { dir: dir.to_path_buf(), report });
         }
-        let model = Transformer::from_checkpoint(&config, &ckpt, &specs, precision, device)?;
+        let model = Transformer::build(&config, &ckpt, &specs, precision, device, quantize)?;
         Ok((model, report))
     }
 
@@ -97,8 +134,19 @@ impl Transformer {
         precision: Precision,
         device: &Device,
     ) -> Result<Transformer, ModelError> {
+        Transformer::build(config, ckpt, specs, precision, device, None)
+    }
+
+    fn build(
+        config: &ModelConfig,
+        ckpt: &Checkpoint,
+        specs: &[TensorSpec],
+        precision: Precision,
+        device: &Device,
+        quantize: Option<Quantizer<'_>>,
+    ) -> Result<Transformer, ModelError> {
         let by_role = specs.iter().map(|s| ((s.layer, s.role), s)).collect();
-        let r = Reader { ckpt, by_role, device, dtype: precision.dtype() };
+        let r = Reader { ckpt, by_role, device, dtype: precision.dtype(), quantize };
         let c = config;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {

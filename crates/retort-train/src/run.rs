@@ -437,6 +437,26 @@ pub fn plan(recipe: &Recipe, data: &Data, config: &retort_hf::ModelConfig, gpu: 
     }
 }
 
+/// The frozen base: with `base.quantize = "nf4"` its projections are quantized while loading (QLoRA),
+/// deterministically, so a resume re-quantizes to the same bits and checkpoints hold only the adapter.
+pub fn load_base(
+    recipe: &Recipe,
+    setup: &Setup,
+    device: &Device,
+) -> Result<(Transformer, retort_hf::LoadReport), TrainError> {
+    Ok(match recipe.base.quantize {
+        retort_recipe::schema::project::Quantize::Nf4 => retort_lora::qlora::load_quantized(
+            &setup.base_dir,
+            setup.precision,
+            device,
+            recipe.base.double_quant,
+        )?,
+        retort_recipe::schema::project::Quantize::None => {
+            Transformer::load(&setup.base_dir, setup.precision, device)?
+        }
+    })
+}
+
 fn mix(seed: u64, salt: u64, n: u64) -> u64 {
     let mut z = seed ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ n.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -593,11 +613,6 @@ pub fn run(
     stop: &AtomicBool,
 ) -> Result<Outcome, TrainError> {
     let session = Instant::now();
-    if recipe.base.quantize == retort_recipe::schema::project::Quantize::Nf4 {
-        return Err(TrainError::Unsupported(
-            "`base.quantize = \"nf4\"` (QLoRA) is not supported by this build yet; use `\"none\"`".into(),
-        ));
-    }
     let layout = Layout::of(recipe);
     let t = &recipe.train;
     let (tok, template, template_source) = text_tools(recipe, &setup.base_dir)?;
@@ -624,7 +639,7 @@ pub fn run(
     if checkpointing {
         device = device.gradient_checkpointing();
     }
-    let (base, _) = Transformer::load(&setup.base_dir, setup.precision, &device)?;
+    let (base, _) = load_base(recipe, setup, &device)?;
     tok.check_model_vocab(base.config.vocab_size)?;
     let plan = plan(recipe, &data, &base.config, setup.gpu);
     let opt_config = AdamWConfig {

@@ -267,3 +267,43 @@ fn bad_data_is_reported_with_file_and_line() {
     assert!(err.to_string().contains("train.jsonl:5"), "{err}");
     assert!(err.hint().contains("on_bad_row"), "{}", err.hint());
 }
+
+/// `project` with `[base] quantize = "nf4"` (QLoRA).
+fn nf4_project(extra: &str) -> Project {
+    let p = project(extra);
+    let path = p.root.join("recipe.toml");
+    let text = std::fs::read_to_string(&path).unwrap().replace("dtype = \"f32\"\n", "dtype = \"f32\"\nquantize = \"nf4\"\n");
+    std::fs::write(&path, text).unwrap();
+    p
+}
+
+#[test]
+fn qlora_learns_and_resumes_to_the_same_bits() {
+    let whole = nf4_project("max_steps = 16\nlr = 1e-2");
+    assert_eq!(recipe(&whole).base.quantize, retort_recipe::schema::project::Quantize::Nf4);
+    let Outcome::Finished(report) = run(&whole, false).unwrap() else { panic!("not finished") };
+    assert_eq!((report.steps, report.skipped_steps), (16, 0));
+    assert_eq!(report.fingerprint["base.quantize"], "nf4");
+    let (first, last) = (report.first_loss.unwrap(), report.final_loss.unwrap());
+    assert!(last < first * 0.8, "loss fell from {first} only to {last}");
+    // The adapter loads onto the NF4 base.
+    let (base, _) = retort_lora::qlora::load_quantized(&whole.base, Precision::F32, &Device::flex(), true).unwrap();
+    retort_lora::load_adapter(base, &whole.root.join("out/adapter")).unwrap();
+
+    // Stopped at step 5 and resumed: the base is re-quantized to the same bits, so the run ends where
+    // the uninterrupted one does.
+    let parts = nf4_project("max_steps = 16\nlr = 1e-2");
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = StopAfter { after: 5, seen: Arc::new(AtomicU64::new(0)), stop: stop.clone() };
+    let out = retort_train::run(&recipe(&parts), &setup(&parts, false), &progress, &stop).unwrap();
+    assert!(matches!(out, Outcome::Stopped { step: 5, .. }));
+    let Outcome::Finished(_) = run(&parts, false).unwrap() else { panic!("not finished") };
+    let losses = |p: &Project| -> Vec<String> { metrics(p).iter().map(|v| format!("{}|{}", v["loss"], v["val_loss"])).collect() };
+    assert_eq!(losses(&whole), losses(&parts));
+    assert!(adapter_bytes(&whole) == adapter_bytes(&parts), "resumed adapter differs");
+
+    // The same recipe without quantization trains differently: the NF4 base is really in use.
+    let dense = project("max_steps = 16\nlr = 1e-2");
+    let Outcome::Finished(_) = run(&dense, false).unwrap() else { panic!("not finished") };
+    assert_ne!(losses(&whole), losses(&dense));
+}

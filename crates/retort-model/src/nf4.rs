@@ -1,0 +1,228 @@
+//! A frozen projection weight kept on the device in NF4 (QLoRA's 4-bit NormalFloat) and dequantized
+//! inside the forward pass, from tensor operations only, so it runs on every backend (flex, wgpu, cuda)
+//! without a host round-trip.
+//!
+//! The parts are bitsandbytes' layout (see `retort_lora::nf4`, which quantizes and is the reference):
+//! two 4-bit codes per byte, the first value in the high nibble, one absmax per block of `blocksize`
+//! values, optionally double-quantized (8-bit codes, one f32 scale per 256 blocks, an f32 offset). On
+//! the device the bytes are packed four to an `i32` word (little-endian), because 32-bit integers are
+//! the one integer type every backend has; unpacking is shifts and masks.
+//!
+//! Dequantization computes, in f32 and in the reference's order of rounding,
+//! `absmax[b] = MAP[dq_code[b]] * scale[b / 256] + offset` (double quantization), then
+//! `w[i] = NF4[code[i]] * absmax[i / blocksize]`, and casts to the compute dtype; so it equals
+//! `Nf4Tensor::dequantize` bit for bit on any backend that rounds each f32 operation (no fused
+//! multiply-add across the two steps).
+//!
+//! Memory: only the packed parts persist. The dense weight exists during a forward; in training the
+//! matmul keeps it for the backward pass (burn's autodiff saves the right-hand side of a matmul), so a
+//! step holds one compute-dtype copy of the projections at its peak. Removing that needs a custom
+//! autodiff operation whose backward re-dequantizes (bitsandbytes' `MatMul4Bit`).
+
+use burn::module::Module;
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+
+/// The per-block scales of an [`Nf4Weight`] on the device.
+#[derive(Module, Debug)]
+pub enum Nf4Scales {
+    /// One f32 absmax per block.
+    Plain(Tensor<1>),
+    /// Double-quantized absmax.
+    Double(DoubleQuantScales),
+}
+
+/// Double-quantized absmax on the device.
+#[derive(Module, Debug)]
+pub struct DoubleQuantScales {
+    /// The 8-bit codes, four per word (first block in the lowest byte), zero-padded to whole words.
+    pub codes: Tensor<1, Int>,
+    /// One f32 scale per 256 blocks.
+    pub scales: Tensor<1>,
+    /// The 256-entry code book of the codes (bitsandbytes' signed dynamic map), f32.
+    pub code_book: Tensor<1>,
+    /// The mean added back.
+    #[module(skip)]
+    pub offset: f32,
+}
+
+/// A weight `[out, in]` stored as NF4 on the device; see the module documentation.
+#[derive(Module, Debug)]
+pub struct Nf4Weight {
+    /// Packed 4-bit codes: the bitsandbytes bytes four per `i32` word, zero-padded to whole blocks.
+    pub codes: Tensor<1, Int>,
+    /// The per-block absmax.
+    pub scales: Nf4Scales,
+    /// The 16 NF4 values, f32.
+    pub code_book: Tensor<1>,
+    /// `[out, in]`.
+    #[module(skip)]
+    pub shape: [usize; 2],
+    /// Values per block.
+    #[module(skip)]
+    pub blocksize: usize,
+    /// The dtype the forward computes in.
+    #[module(skip)]
+    pub dtype: DType,
+}
+
+/// Host-side absmax handed to [`Nf4Weight::new`].
+#[derive(Debug, Clone, Copy)]
+pub enum HostScales<'a> {
+    /// One f32 per block.
+    Plain(&'a [f32]),
+    /// Double-quantized: one code per block, one scale per 256 blocks, the offset, and the code book.
+    Double {
+        /// 8-bit codes, one per block.
+        codes: &'a [u8],
+        /// f32 scales, one per 256 blocks.
+        scales: &'a [f32],
+        /// The mean of the original absmax.
+        offset: f32,
+        /// The 256 values the codes index.
+        code_book: &'a [f32; 256],
+    },
+}
+
+/// Host-side parts of an NF4 weight, in bitsandbytes' layout.
+#[derive(Debug, Clone, Copy)]
+pub struct HostNf4<'a> {
+    /// `[out, in]`.
+    pub shape: [usize; 2],
+    /// Values per block (even, at least 8).
+    pub blocksize: usize,
+    /// `numel.div_ceil(2)` bytes, two codes per byte, first in the high nibble.
+    pub codes: &'a [u8],
+    /// The per-block absmax.
+    pub scales: HostScales<'a>,
+    /// The 16 values the 4-bit codes index.
+    pub code_book: &'a [f32; 16],
+}
+
+/// Bytes as little-endian `i32` words, zero-padded to `words` words.
+fn words(bytes: &[u8], words: usize) -> Vec<i32> {
+    let mut out = vec![0i32; words];
+    for (w, chunk) in out.iter_mut().zip(bytes.chunks(4)) {
+        let mut b = [0u8; 4];
+        b[..chunk.len()].copy_from_slice(chunk);
+        *w = i32::from_le_bytes(b);
+    }
+    out
+}
+
+fn int_tensor(words: Vec<i32>, device: &Device) -> Tensor<1, Int> {
+    let n = words.len();
+    Tensor::from_data(TensorData::new(words, [n]), (device, DType::I32))
+}
+
+fn float_tensor(values: &[f32], device: &Device) -> Tensor<1> {
+    Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]), (device, DType::F32))
+}
+
+/// The `width`-bit fields of each word, lowest shifts first in `shifts` order, flattened:
+/// `[words * shifts.len()]` indices.
+fn unpack(words: Tensor<1, Int>, shifts: &[u32], mask: i32) -> Tensor<1, Int> {
+    let n = words.dims()[0];
+    let fields: Vec<Tensor<1, Int>> =
+        shifts.iter().map(|&s| words.clone().bitwise_right_shift_scalar(s).bitwise_and_scalar(mask)).collect();
+    Tensor::stack::<2>(fields, 1).reshape([n * shifts.len()])
+}
+
+/// Nibble shifts of a little-endian word, in value order: byte 0's high nibble is value 0.
+const NIBBLE_SHIFTS: [u32; 8] = [4, 0, 12, 8, 20, 16, 28, 24];
+/// Byte shifts of a little-endian word, in value order.
+const BYTE_SHIFTS: [u32; 4] = [0, 8, 16, 24];
+
+impl Nf4Weight {
+    /// Uploads the parts to `device`; the forward will compute in `dtype`. Errors (as text) when the
+    /// lengths do not fit the shape and blocksize.
+    pub fn new(host: HostNf4<'_>, dtype: DType, device: &Device) -> Result<Nf4Weight, String> {
+        let [out, inp] = host.shape;
+        let numel = out * inp;
+        let bs = host.blocksize;
+        if numel == 0 || bs < 8 || !bs.is_multiple_of(8) {
+            return Err(format!("shape {:?} with blocksize {bs} cannot be NF4", host.shape));
+        }
+        if host.codes.len() != numel.div_ceil(2) {
+            return Err(format!("{} code bytes for {numel} values", host.codes.len()));
+        }
+        let blocks = numel.div_ceil(bs);
+        // Whole blocks of codes, so the dequantization is one broadcast multiply.
+        let codes = int_tensor(words(host.codes, blocks * bs / 8), device);
+        let scales = match host.scales {
+            HostScales::Plain(a) if a.len() == blocks => Nf4Scales::Plain(float_tensor(a, device)),
+            HostScales::Double { codes, scales, offset, code_book }
+                if codes.len() == blocks && scales.len() == blocks.div_ceil(256) =>
+            {
+                Nf4Scales::Double(DoubleQuantScales {
+                    codes: int_tensor(words(codes, blocks.div_ceil(4)), device),
+                    scales: float_tensor(scales, device),
+                    code_book: float_tensor(code_book, device),
+                    offset,
+                })
+            }
+            _ => return Err(format!("absmax lengths do not fit {blocks} blocks")),
+        };
+        Ok(Nf4Weight {
+            codes,
+            scales,
+            code_book: float_tensor(host.code_book, device),
+            shape: host.shape,
+            blocksize: bs,
+            dtype,
+        })
+    }
+
+    /// Number of values.
+    pub fn numel(&self) -> usize {
+        self.shape[0] * self.shape[1]
+    }
+
+    fn blocks(&self) -> usize {
+        self.numel().div_ceil(self.blocksize)
+    }
+
+    /// The device the parts live on.
+    pub fn device(&self) -> Device {
+        self.code_book.device()
+    }
+
+    /// Every block's absmax, f32 `[blocks]`.
+    pub fn absmax(&self) -> Tensor<1> {
+        match &self.scales {
+            Nf4Scales::Plain(a) => a.clone(),
+            Nf4Scales::Double(d) => {
+                let blocks = self.blocks();
+                let groups = d.scales.dims()[0];
+                let codes = unpack(d.codes.clone(), &BYTE_SHIFTS, 0xff).slice(0..blocks);
+                let per_block =
+                    d.scales.clone().reshape([groups, 1]).expand([groups, 256]).reshape([groups * 256]);
+                let per_block = if groups * 256 == blocks { per_block } else { per_block.slice(0..blocks) };
+                // Two roundings, product then sum, as the reference does.
+                (d.code_book.clone().select(0, codes) * per_block).add_scalar(d.offset)
+            }
+        }
+    }
+
+    /// The dense weight `[out, in]` in the compute dtype, computed from the packed parts.
+    pub fn dequantize(&self) -> Tensor<2> {
+        let (numel, blocks, bs) = (self.numel(), self.blocks(), self.blocksize);
+        let codes = unpack(self.codes.clone(), &NIBBLE_SHIFTS, 0x0f);
+        let values = self.code_book.clone().select(0, codes).reshape([blocks, bs]);
+        let w = (values * self.absmax().reshape([blocks, 1])).reshape([blocks * bs]);
+        let w = if blocks * bs == numel { w } else { w.slice(0..numel) };
+        let w = w.reshape(self.shape);
+        if self.dtype == DType::F32 { w } else { w.cast(self.dtype) }
+    }
+
+    /// Bytes the quantized parts occupy on the device (code books excluded, like the reference's
+    /// count; the double-quantization offset counted as 4 bytes).
+    pub fn storage_bytes(&self) -> usize {
+        let ints = |t: &Tensor<1, Int>| t.dtype().size() * t.dims()[0];
+        let floats = |t: &Tensor<1>| t.dtype().size() * t.dims()[0];
+        ints(&self.codes)
+            + match &self.scales {
+                Nf4Scales::Plain(a) => floats(a),
+                Nf4Scales::Double(d) => ints(&d.codes) + floats(&d.scales) + 4,
+            }
+    }
+}
