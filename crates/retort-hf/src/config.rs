@@ -355,8 +355,9 @@ pub struct HfConfig {
 
 impl HfConfig {
     /// The config with `rope_theta`, `rope_scaling`, `rope_local_base_freq` and
-    /// `partial_rotary_factor` filled from `rope_parameters` where they are absent (configs saved by
-    /// transformers 5 carry only `rope_parameters`; older ones only the flat fields).
+    /// `partial_rotary_factor` taken from `rope_parameters` where it gives them (configs saved by
+    /// transformers 5 carry only `rope_parameters`; older ones only the flat fields). Like
+    /// transformers 5, a value inside `rope_parameters` wins over a flat field beside it.
     pub fn with_rope_parameters(&self) -> HfConfig {
         let mut c = self.clone();
         let Some(Value::Object(p)) = &self.rope_parameters else { return c };
@@ -364,22 +365,25 @@ impl HfConfig {
             Some(Value::Object(f)) => f,
             _ => p,
         };
-        if c.rope_theta.is_none() {
-            c.rope_theta = full.get("rope_theta").and_then(Value::as_f64);
+        if let Some(theta) = full.get("rope_theta").and_then(Value::as_f64) {
+            c.rope_theta = Some(theta);
         }
-        if c.partial_rotary_factor.is_none() {
-            c.partial_rotary_factor = full.get("partial_rotary_factor").and_then(Value::as_f64);
+        if let Some(f) = full.get("partial_rotary_factor").and_then(Value::as_f64) {
+            c.partial_rotary_factor = Some(f);
         }
-        if c.rope_local_base_freq.is_none() {
-            c.rope_local_base_freq =
-                p.get("sliding_attention").and_then(|s| s.get("rope_theta")).and_then(Value::as_f64);
+        if let Some(theta) =
+            p.get("sliding_attention").and_then(|s| s.get("rope_theta")).and_then(Value::as_f64)
+        {
+            c.rope_local_base_freq = Some(theta);
         }
         let kind = full.get("rope_type").or_else(|| full.get("type")).and_then(Value::as_str);
-        if c.rope_scaling.is_none() && kind.is_some_and(|k| k != "default") {
+        if kind.is_some_and(|k| k != "default") {
             let mut scaling = full.clone();
             scaling.remove("rope_theta");
             scaling.remove("partial_rotary_factor");
             c.rope_scaling = Some(Value::Object(scaling));
+        } else if kind.is_some() {
+            c.rope_scaling = None;
         }
         c
     }
@@ -931,14 +935,14 @@ mod tests {
         .unwrap();
         assert_eq!((c.rope_theta, c.rope_local_theta), (1_000_000.0, Some(10_000.0)));
         assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 8.0 });
-        // A flat field wins over rope_parameters.
+        // As in transformers 5, a value inside rope_parameters wins over a flat field beside it.
         let c = parse(
             r#"{"architectures":["Qwen2ForCausalLM"],"hidden_size":64,"intermediate_size":128,
             "num_hidden_layers":2,"num_attention_heads":4,"vocab_size":320,"rope_theta":5.0,
             "rope_parameters":{"rope_theta":1000000.0,"rope_type":"default"}}"#,
         )
         .unwrap();
-        assert_eq!((c.rope_theta, c.rope_scaling.clone()), (5.0, RopeScaling::None));
+        assert_eq!((c.rope_theta, c.rope_scaling.clone()), (1_000_000.0, RopeScaling::None));
     }
 
     #[test]

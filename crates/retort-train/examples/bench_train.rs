@@ -1,0 +1,167 @@
+//! LoRA training throughput for `scripts/bench_train.sh`: a model directory on the CPU in f32, LoRA
+//! r=16 alpha=32 on every linear layer (dropout 0), AdamW lr 1e-4, clipping at 1.0, `warmup` untimed
+//! and `steps` timed optimizer steps of one fixed batch. Prints one JSON object. Not a test: timings
+//! vary.
+//!
+//!   bench_train MODEL_DIR BATCH_JSON WARMUP STEPS [--profile]
+//!
+//! `--profile` adds one more step taken apart: forward to the loss, backward (gradients minus forward),
+//! and clipping plus AdamW.
+
+#![allow(clippy::print_stdout, reason = "a benchmark reports on stdout")]
+
+use std::path::Path;
+use std::time::Instant;
+
+use retort_model::burn::tensor::Device;
+use retort_model::memory::{TrainShape, estimate};
+use retort_model::{Batch, Precision, Transformer};
+use retort_recipe::schema::lora::{Target, Variant};
+use retort_train::optim::clip;
+use retort_train::step::{apply, gradients};
+use retort_train::{AdamW, AdamWConfig, MicroBatch, train_step};
+
+const LR: f64 = 1e-4;
+const MAX_GRAD_NORM: f64 = 1.0;
+
+/// Resets `VmHWM` to the current RSS (Linux >= 4.0), so a later read gives the peak of what came
+/// between.
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// A line of `/proc/self/status` in bytes (`VmHWM`: peak resident set; `VmRSS`: now).
+fn status_bytes(key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn micro_batch(path: &Path) -> Result<MicroBatch, Box<dyn std::error::Error>> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    let rows: Vec<Vec<u32>> = serde_json::from_value(v["ids"].clone())?;
+    let len = rows.first().map_or(0, Vec::len);
+    if rows.is_empty() || rows.iter().any(|r| r.len() != len) {
+        return Err("batch: `ids` must be equal-length rows".into());
+    }
+    let ids: Vec<u32> = rows.concat();
+    let n = ids.len();
+    let batch = Batch {
+        rows: rows.len(),
+        len,
+        ids: ids.clone(),
+        positions: (0..rows.len()).flat_map(|_| 0..len).collect(),
+        valid: vec![true; n],
+        segments: vec![0; n],
+    };
+    Ok(MicroBatch { batch, labels: ids.iter().map(|&x| i64::from(x)).collect() })
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let usage = "usage: bench_train MODEL_DIR BATCH_JSON WARMUP STEPS [--profile]";
+    let [_, dir, batch, warmup, steps, rest @ ..] = args.as_slice() else { return Err(usage.into()) };
+    let (warmup, steps): (usize, usize) = (warmup.parse()?, steps.parse()?);
+    let profile = rest.iter().any(|a| a == "--profile");
+
+    let device = Device::flex().autodiff();
+    let t = Instant::now();
+    let (model, _) = Transformer::load(Path::new(dir), Precision::F32, &device)?;
+    let spec = retort_lora::AdapterSpec {
+        r: 16,
+        alpha: 32.0,
+        dropout: 0.0,
+        targets: vec![Target::AllLinear],
+        variant: Variant::Lora,
+    };
+    let mut model = retort_lora::attach(model, &spec, 0)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let rss_loaded = status_bytes("VmRSS:");
+    let mb = micro_batch(Path::new(batch))?;
+    let micro = std::slice::from_ref(&mb);
+    let tokens = mb.batch.rows * mb.batch.len;
+
+    let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 });
+    let mut losses = Vec::new();
+    let mut step = |model: Transformer, opt: &mut AdamW| {
+        let (model, stats) = train_step(model, opt, micro, LR, MAX_GRAD_NORM, 0);
+        losses.push(stats.loss);
+        model
+    };
+    for _ in 0..warmup {
+        model = step(model, &mut opt);
+    }
+    let t = Instant::now();
+    for _ in 0..steps {
+        model = step(model, &mut opt);
+    }
+    let timed_s = t.elapsed().as_secs_f64();
+    let s_per_step = timed_s / steps.max(1) as f64;
+    let peak_rss = status_bytes("VmHWM:"); // before `--profile` resets it
+
+    let mut split = serde_json::Value::Null;
+    if profile {
+        // The same work as `train_step`, timed in parts; the forward is run once on its own first
+        // (its peak and what it keeps for the backward are the forward's memory).
+        let rss_before = status_bytes("VmRSS:");
+        reset_peak();
+        let t = Instant::now();
+        let hidden = model.hidden_train(&mb.batch);
+        let loss = retort_train::loss::nll_sum(&model, hidden, &mb.labels).ok_or("no label tokens")?;
+        let _: f32 = loss.clone().into_scalar();
+        let forward_s = t.elapsed().as_secs_f64();
+        let (rss_forward, peak_forward) = (status_bytes("VmRSS:"), status_bytes("VmHWM:"));
+        drop(loss);
+        reset_peak();
+        let t = Instant::now();
+        let (_, _, mut grads) = gradients(&model, micro, 0);
+        let grads_s = t.elapsed().as_secs_f64();
+        let peak_step = status_bytes("VmHWM:");
+        let t = Instant::now();
+        clip(&mut grads, MAX_GRAD_NORM);
+        model = apply(model, &mut opt, &grads, LR);
+        let optimizer_s = t.elapsed().as_secs_f64();
+        split = serde_json::json!({
+            "forward_s": forward_s,
+            "backward_s": grads_s - forward_s,
+            "optimizer_s": optimizer_s,
+            "rss_before_bytes": rss_before,
+            "rss_after_forward_bytes": rss_forward,
+            "peak_forward_bytes": peak_forward,
+            "peak_forward_backward_bytes": peak_step,
+        });
+    }
+    drop(model);
+
+    let est = estimate(
+        &retort_hf::ModelConfig::load(Path::new(dir))?,
+        TrainShape {
+            batch: mb.batch.rows,
+            seq: mb.batch.len,
+            rank: spec.r,
+            nf4: false,
+            checkpointing: false,
+        },
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "retort",
+            "threads": std::env::var("RAYON_NUM_THREADS").ok(),
+            "tokens": tokens,
+            "warmup": warmup,
+            "steps": steps,
+            "load_s": load_s,
+            "seconds_per_step": s_per_step,
+            "tokens_per_s": tokens as f64 / s_per_step,
+            "peak_rss_bytes": peak_rss,
+            "rss_after_load_bytes": rss_loaded,
+            "predicted_bytes": est.total(),
+            "predicted": est,
+            "losses": losses,
+            "profile": split,
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,130 @@
+"""The PyTorch + PEFT side of `scripts/bench_train.sh`: the same training steps as retort's
+`bench_train` example, printed as the same JSON fields.
+
+    python scripts/bench_train_peft.py MODEL_DIR BATCH_JSON WARMUP STEPS THREADS
+
+transformers' LlamaForCausalLM in f32 (sdpa attention), PEFT LoRA r=16 alpha=32 on all linear layers,
+dropout 0, torch AdamW (lr 1e-4, eps 1e-8, no weight decay), gradients clipped at global norm 1.0, one
+fixed batch with every token a label. Peak RSS is the process's VmHWM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def status_bytes(key: str) -> int | None:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def reset_peak() -> None:
+    """Resets VmHWM to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def main() -> None:
+    model_dir, batch_path, warmup, steps, threads = sys.argv[1:6]
+    warmup, steps, threads = int(warmup), int(steps), int(threads)
+    profile = "--profile" in sys.argv[6:]
+
+    import peft
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", bias="none")
+    model = peft.get_peft_model(model, cfg)
+    model.train()
+    load_s = time.perf_counter() - t
+    rss_loaded = status_bytes("VmRSS:")
+
+    with open(batch_path) as f:
+        ids = torch.tensor(json.load(f)["ids"], dtype=torch.long)
+    tokens = ids.numel()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+    losses = []
+
+    def step() -> None:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+
+    for _ in range(warmup):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    s_per_step = (time.perf_counter() - t) / max(steps, 1)
+    peak_rss = status_bytes("VmHWM:")  # before the profile resets it
+
+    split = None
+    if profile:
+        t = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=ids, labels=ids).loss.item()
+        rss_before = status_bytes("VmRSS:")
+        reset_peak()
+        t1 = time.perf_counter()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.item()
+        t2 = time.perf_counter()
+        rss_forward, peak_forward = status_bytes("VmRSS:"), status_bytes("VmHWM:")
+        out.loss.backward()
+        t3 = time.perf_counter()
+        peak_step = status_bytes("VmHWM:")
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        split = {
+            "forward_no_grad_s": t1 - t,
+            "forward_s": t2 - t1,
+            "backward_s": t3 - t2,
+            "optimizer_s": t4 - t3,
+            "rss_before_bytes": rss_before,
+            "rss_after_forward_bytes": rss_forward,
+            "peak_forward_bytes": peak_forward,
+            "peak_forward_backward_bytes": peak_step,
+        }
+
+    print(
+        json.dumps(
+            {
+                "impl": "peft",
+                "threads": threads,
+                "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+                "tokens": tokens,
+                "warmup": warmup,
+                "steps": steps,
+                "load_s": load_s,
+                "seconds_per_step": s_per_step,
+                "tokens_per_s": tokens / s_per_step,
+                "peak_rss_bytes": peak_rss,
+                "rss_after_load_bytes": rss_loaded,
+                "losses": losses,
+                "profile": split,
+                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
