@@ -38,6 +38,29 @@ pub enum Command {
     #[command(subcommand)]
     Recipe(RecipeCommand),
 
+    /// Run every stage in order (distill, train, eval, export), skipping what is up to date.
+    ///
+    /// Stops at the first stage that does not succeed and exits with its code (4: stopped or over
+    /// budget, resumable by running the same command; 3: the quality gate failed, nothing exported).
+    /// What ran is recorded in `<output_dir>/run.json`.
+    Run {
+        /// The recipe file.
+        #[arg(value_name = "RECIPE")]
+        recipe: PathBuf,
+
+        /// Start at this stage (earlier ones are assumed done).
+        #[arg(long, value_enum, conflicts_with = "only")]
+        from: Option<crate::cmd::run::Stage>,
+
+        /// Run only this stage.
+        #[arg(long, value_enum)]
+        only: Option<crate::cmd::run::Stage>,
+
+        /// Redo train (from scratch), eval and export even when up to date.
+        #[arg(long)]
+        force: bool,
+    },
+
     /// Have the teacher write and grade the dataset: `train/val/test.jsonl` in `project.data_dir`.
     ///
     /// Answered requests are journaled, so a rerun after a crash, a budget stop (exit 4) or an
@@ -69,6 +92,19 @@ pub enum Command {
         /// Read and pack the data, print the plan (steps, tokens, memory, compute) and train nothing.
         #[arg(long)]
         plan: bool,
+    },
+
+    /// Compare the base, tuned and teacher models on the test split, and check the quality gate.
+    ///
+    /// Writes `<output_dir>/eval/report.json` and `report.md`; exits 3 when `[eval.gate]` fails.
+    Eval {
+        /// The recipe file.
+        #[arg(value_name = "RECIPE")]
+        recipe: PathBuf,
+
+        /// Evaluate again even when the test split, adapter and recipe are unchanged.
+        #[arg(long)]
+        force: bool,
     },
 
     /// Generate text with a model: one prompt, or a chat read from standard input (`--chat`).

@@ -12,7 +12,6 @@ pub enum Exit {
     /// A bug or an environment failure retort could not attribute to the input.
     Internal = 2,
     /// The quality gate failed: the model works but is not good enough to ship.
-    #[expect(dead_code, reason = "part of the documented exit-code contract; `retort eval` returns it")]
     GateFailed = 3,
     /// A budget or time limit was reached; the work so far is saved and a rerun resumes.
     Limit = 4,

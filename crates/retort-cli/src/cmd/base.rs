@@ -48,3 +48,41 @@ pub(crate) fn resolve(ui: &Ui, recipe: &Recipe) -> anyhow::Result<Base> {
     };
     Ok(Base { dir, name })
 }
+
+/// The recipe's training device (`train.device`) and the precision `base.dtype` means on it.
+pub(crate) fn device(
+    recipe: &Recipe,
+) -> anyhow::Result<(retort_model::device::Selected, retort_model::Precision)> {
+    use retort_model::Precision;
+    use retort_recipe::schema::project::Dtype;
+    let device = retort_model::device::select(recipe.train.device).map_err(|e| {
+        CliError::input(format!("`train.device`: {e}"))
+            .hint("use `device = \"cpu\"`, or build retort with `--features wgpu` (or `cuda`) for a GPU")
+    })?;
+    let precision = match recipe.base.dtype {
+        Dtype::Auto => device.auto_precision(),
+        Dtype::F32 => Precision::F32,
+        Dtype::F16 => Precision::F16,
+        Dtype::Bf16 => Precision::Bf16,
+    };
+    Ok((device, precision))
+}
+
+/// Loads a recipe, printing its problems; `None` when it is invalid (exit 1, already reported).
+pub(crate) fn load_recipe(ui: &Ui, file: &Path) -> Option<Recipe> {
+    use crate::cmd::recipe::{print_read_error, print_report};
+    match retort_recipe::load(file) {
+        Ok(l) => {
+            print_report(ui, &l.report);
+            Some(l.recipe)
+        }
+        Err(retort_recipe::LoadError::Invalid(report)) => {
+            print_report(ui, &report);
+            None
+        }
+        Err(retort_recipe::LoadError::Read(e)) => {
+            print_read_error(ui, &e);
+            None
+        }
+    }
+}

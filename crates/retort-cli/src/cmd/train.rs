@@ -10,12 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use retort_model::Precision;
-use retort_model::device::select;
-use retort_recipe::LoadError;
-use retort_recipe::schema::project::Dtype;
 use retort_train::{Layout, Outcome, Plan, Setup, TrainError};
 
-use crate::cmd::recipe::{print_read_error, print_report};
 use crate::exit::{CliError, Exit};
 use crate::progress::CliProgress;
 use crate::ui::Ui;
@@ -30,30 +26,9 @@ fn train_error(e: &TrainError) -> CliError {
 }
 
 pub fn run(ui: &Ui, file: &Path, fresh: bool, plan_only: bool) -> anyhow::Result<Exit> {
-    let loaded = match retort_recipe::load(file) {
-        Ok(l) => l,
-        Err(LoadError::Invalid(report)) => {
-            print_report(ui, &report);
-            return Ok(Exit::BadInput);
-        }
-        Err(LoadError::Read(e)) => {
-            print_read_error(ui, &e);
-            return Ok(Exit::BadInput);
-        }
-    };
-    print_report(ui, &loaded.report);
-    let recipe = loaded.recipe;
+    let Some(recipe) = crate::cmd::base::load_recipe(ui, file) else { return Ok(Exit::BadInput) };
     let base = crate::cmd::base::resolve(ui, &recipe)?;
-    let device = select(recipe.train.device).map_err(|e| {
-        CliError::input(format!("`train.device`: {e}"))
-            .hint("use `device = \"cpu\"`, or build retort with `--features wgpu` (or `cuda`) for a GPU")
-    })?;
-    let precision = match recipe.base.dtype {
-        Dtype::Auto => device.auto_precision(),
-        Dtype::F32 => Precision::F32,
-        Dtype::F16 => Precision::F16,
-        Dtype::Bf16 => Precision::Bf16,
-    };
+    let (device, precision) = crate::cmd::base::device(&recipe)?;
     let layout = Layout::of(&recipe);
 
     if plan_only {

@@ -1,0 +1,178 @@
+//! `retort run RECIPE`: distill → train → eval → export, each stage skipping work that is up to date,
+//! stopping at the first stage that does not succeed (its exit code is the run's), and recording what
+//! happened in `<output_dir>/run.json`.
+//!
+//! Up to date means: distill answers come from its journal (a rerun pays for nothing already answered),
+//! train finds a finished run with the same fingerprint, eval a report with the same fingerprint, and
+//! export a stamp with the same inputs (adapter, base, `[export]`).
+
+use std::path::Path;
+use std::time::Instant;
+
+use clap::ValueEnum;
+use sha2::{Digest, Sha256};
+
+use crate::cmd::base::load_recipe;
+use crate::cmd::export::ExportArgs;
+use crate::exit::Exit;
+use crate::ui::Ui;
+
+/// A pipeline stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum Stage {
+    /// The teacher writes the dataset.
+    Distill,
+    /// LoRA training.
+    Train,
+    /// Held-out comparison and the gate.
+    Eval,
+    /// Files for serving.
+    Export,
+}
+
+impl Stage {
+    fn name(self) -> &'static str {
+        match self {
+            Stage::Distill => "distill",
+            Stage::Train => "train",
+            Stage::Eval => "eval",
+            Stage::Export => "export",
+        }
+    }
+}
+
+const STAMP: &str = ".retort-export.json";
+
+fn export_fingerprint(recipe: &retort_recipe::Recipe) -> Option<String> {
+    let mut h = Sha256::new();
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    let adapter = recipe.project.output_dir.join("adapter");
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        h.update(std::fs::read(adapter.join(f)).ok()?);
+    }
+    h.update(recipe.base.model.to_string().as_bytes());
+    h.update(recipe.base.revision.as_bytes());
+    h.update(serde_json::to_vec(&recipe.export).ok()?);
+    h.update(recipe.project.name.as_bytes());
+    Some(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn git_commit(dir: &Path) -> Option<String> {
+    let out =
+        std::process::Command::new("git").arg("-C").arg(dir).args(["rev-parse", "HEAD"]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+pub fn run(
+    ui: &Ui,
+    file: &Path,
+    from: Option<Stage>,
+    only: Option<Stage>,
+    force: bool,
+) -> anyhow::Result<Exit> {
+    let Some(recipe) = load_recipe(ui, file) else { return Ok(Exit::BadInput) };
+    let started = Instant::now();
+    let mut record = Vec::new();
+    let mut exit = Exit::Ok;
+    for stage in [Stage::Distill, Stage::Train, Stage::Eval, Stage::Export] {
+        let wanted = only.map_or_else(|| from.is_none_or(|f| stage >= f), |o| o == stage);
+        let configured = match stage {
+            Stage::Distill => recipe.teacher.is_some() && recipe.distill.is_some(),
+            Stage::Export => !recipe.export.formats.is_empty(),
+            Stage::Train | Stage::Eval => true,
+        };
+        if !wanted || !configured {
+            let why = if wanted { "not configured in the recipe" } else { "not selected" };
+            ui.status("skipping", &format!("{}: {why}", stage.name()));
+            record.push(serde_json::json!({"stage": stage.name(), "decision": "skipped", "why": why}));
+            continue;
+        }
+        ui.status("stage", stage.name());
+        let t = Instant::now();
+        let mut decision = "ran";
+        let result = match stage {
+            Stage::Distill => crate::cmd::distill::run(ui, file, false),
+            Stage::Train => crate::cmd::train::run(ui, file, force, false),
+            Stage::Eval => crate::cmd::eval::run(ui, file, force),
+            Stage::Export => {
+                let fp = export_fingerprint(&recipe);
+                let stamp = recipe.project.output_dir.join("export").join(STAMP);
+                let same = fp.is_some() && std::fs::read_to_string(&stamp).ok() == fp;
+                if same && !force {
+                    ui.status("up to date", "export: the adapter, base and `[export]` are unchanged");
+                    decision = "up to date";
+                    Ok(Exit::Ok)
+                } else {
+                    let args = ExportArgs {
+                        recipe: Some(file.to_path_buf()),
+                        base: None,
+                        adapter: None,
+                        formats: Vec::new(),
+                        dtype: None,
+                        out: None,
+                        name: None,
+                    };
+                    let r = crate::cmd::export::run(ui, args);
+                    if let (Ok(Exit::Ok), Some(fp)) = (&r, &fp) {
+                        retort_io::write_atomic(&stamp, fp.as_bytes(), true)?;
+                    }
+                    r
+                }
+            }
+        };
+        let seconds = t.elapsed().as_secs_f64();
+        let code = match &result {
+            Ok(e) => *e,
+            Err(_) => Exit::BadInput,
+        };
+        record.push(serde_json::json!({
+            "stage": stage.name(), "decision": decision, "exit": code.code(), "seconds": seconds,
+        }));
+        match result {
+            Ok(Exit::Ok) => {}
+            Ok(e) => {
+                exit = e;
+                break;
+            }
+            Err(e) => {
+                write_record(&recipe, file, &record, started, None);
+                return Err(e);
+            }
+        }
+    }
+    write_record(&recipe, file, &record, started, Some(exit));
+    if exit == Exit::Ok {
+        ui.status(
+            "done",
+            &format!(
+                "in {:.1}s; {}",
+                started.elapsed().as_secs_f64(),
+                recipe.project.output_dir.join("run.json").display()
+            ),
+        );
+    }
+    Ok(exit)
+}
+
+fn write_record(
+    recipe: &retort_recipe::Recipe,
+    file: &Path,
+    stages: &[serde_json::Value],
+    started: Instant,
+    exit: Option<Exit>,
+) {
+    let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let v = serde_json::json!({
+        "retort": env!("CARGO_PKG_VERSION"),
+        "recipe": file.display().to_string(),
+        "git_commit": git_commit(dir),
+        "stages": stages,
+        "exit": exit.map(Exit::code),
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    let out = recipe.project.output_dir.join("run.json");
+    let _ = std::fs::create_dir_all(&recipe.project.output_dir);
+    if let Err(e) = retort_io::write_atomic(&out, &serde_json::to_vec_pretty(&v).unwrap_or_default(), true) {
+        tracing::warn!(path = %out.display(), error = %e, "cannot write run.json");
+    }
+}

@@ -1,0 +1,237 @@
+//! The quality gate, and `eval/report.json` + `eval/report.md` (scores with intervals, the confusion
+//! matrix for label outputs, the worst examples side by side).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use retort_recipe::schema::eval::Gate;
+use serde::{Deserialize, Serialize};
+
+use crate::{EvalError, Report, metrics};
+
+/// One bound of the gate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateCheck {
+    /// `min_score`, `min_vs_teacher` or `max_regression`.
+    pub name: String,
+    /// The bound.
+    pub bound: f64,
+    /// What was measured (comparable with `bound`).
+    pub actual: f64,
+    /// Whether it holds.
+    pub passed: bool,
+    /// A sentence for people.
+    pub message: String,
+}
+
+/// The gate's verdict.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateResult {
+    /// Every bound holds (true when there are none).
+    pub passed: bool,
+    /// The bounds checked.
+    pub checks: Vec<GateCheck>,
+}
+
+/// Checks `[eval.gate]` against the tuned model's primary score.
+pub fn gate(r: &Report, g: &Gate) -> Result<GateResult, EvalError> {
+    let mut checks = Vec::new();
+    let primary = &r.primary;
+    let tuned = r.primary_score("tuned");
+    let need_tuned = |what: &str| {
+        EvalError::Input(format!(
+            "`eval.gate.{what}` needs `tuned` in `eval.compare`: the gate bounds the tuned model"
+        ))
+    };
+    if let Some(min) = g.min_score {
+        let t = tuned.ok_or_else(|| need_tuned("min_score"))?;
+        let passed = t >= min;
+        checks.push(GateCheck {
+            name: "min_score".into(),
+            bound: min,
+            actual: t,
+            passed,
+            message: format!(
+                "tuned {primary} {t:.4} {} the minimum {min:.4}{}",
+                if passed { "meets" } else { "is below" },
+                if passed { String::new() } else { format!(" by {:.4}", min - t) }
+            ),
+        });
+    }
+    if let Some(ratio) = g.min_vs_teacher {
+        let t = tuned.ok_or_else(|| need_tuned("min_vs_teacher"))?;
+        let teacher = r.primary_score("teacher").ok_or_else(|| {
+            EvalError::Input("`eval.gate.min_vs_teacher` needs `teacher` in `eval.compare`".into())
+        })?;
+        let actual = if teacher > 0.0 { t / teacher } else { 1.0 };
+        let passed = actual >= ratio;
+        checks.push(GateCheck {
+            name: "min_vs_teacher".into(),
+            bound: ratio,
+            actual,
+            passed,
+            message: format!(
+                "tuned {primary} is {:.1}% of the teacher's ({t:.4} / {teacher:.4}); the gate asks for {:.1}%",
+                actual * 100.0,
+                ratio * 100.0
+            ),
+        });
+    }
+    if let Some(prev_path) = &g.max_regression_vs {
+        let t = tuned.ok_or_else(|| need_tuned("max_regression_vs"))?;
+        let text = std::fs::read_to_string(prev_path)
+            .map_err(|source| EvalError::Io { path: prev_path.clone(), source })?;
+        let prev: Report = serde_json::from_str(&text).map_err(|e| {
+            EvalError::Input(format!("`{}` is not a retort eval report: {e}", prev_path.display()))
+        })?;
+        let before =
+            prev.model("tuned").and_then(|m| m.scores.get(primary)).map(|s| s.value).ok_or_else(|| {
+                EvalError::Input(format!(
+                    "`{}` has no tuned `{primary}` score to compare with",
+                    prev_path.display()
+                ))
+            })?;
+        let drop = before - t;
+        let passed = drop <= g.max_regression;
+        checks.push(GateCheck {
+            name: "max_regression".into(),
+            bound: g.max_regression,
+            actual: drop,
+            passed,
+            message: format!(
+                "tuned {primary} {t:.4} vs {before:.4} in `{}`: {} of {:.4} (allowed {:.4})",
+                prev_path.display(),
+                if drop > 0.0 { "a drop" } else { "a change" },
+                drop.abs(),
+                g.max_regression
+            ),
+        });
+    }
+    Ok(GateResult { passed: checks.iter().all(|c| c.passed), checks })
+}
+
+fn md_cell(s: &str, max: usize) -> String {
+    let one: String = s.split_whitespace().collect::<Vec<_>>().join(" ").replace('|', "\\|");
+    if one.chars().count() > max { format!("{}…", one.chars().take(max).collect::<String>()) } else { one }
+}
+
+/// The Markdown report.
+pub fn markdown(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Evaluation\n");
+    let _ = writeln!(
+        s,
+        "{} test examples from `{}`. The references are the teacher's answers; scores are in [0, 1] with \
+         bootstrapped 95% intervals. Primary metric: `{}`.\n",
+        r.examples.len(),
+        r.test_file.display(),
+        r.primary
+    );
+    let _ = write!(s, "| model |");
+    for m in &r.metrics {
+        let _ = write!(s, " {m} |");
+    }
+    let _ = writeln!(s, " tokens/s |");
+    let _ = writeln!(s, "|---|{}---|", "---|".repeat(r.metrics.len()));
+    for m in &r.models {
+        let _ = write!(s, "| {} |", m.model);
+        for k in &r.metrics {
+            match m.scores.get(k) {
+                Some(x) => {
+                    let _ = write!(s, " {:.3} [{:.3}, {:.3}] |", x.value, x.low, x.high);
+                }
+                None => {
+                    let _ = write!(s, " - |");
+                }
+            }
+        }
+        let tps = if m.tokens_per_s > 0.0 { format!("{:.1}", m.tokens_per_s) } else { "-".into() };
+        let _ = writeln!(s, " {tps} |");
+    }
+    if let Some(g) = &r.gate {
+        let _ = writeln!(s, "\n## Gate: {}\n", if g.passed { "passed" } else { "FAILED" });
+        if g.checks.is_empty() {
+            let _ = writeln!(s, "No bounds are set (`[eval.gate]`).");
+        }
+        for c in &g.checks {
+            let _ = writeln!(s, "- {} `{}`: {}", if c.passed { "ok" } else { "FAILED" }, c.name, c.message);
+        }
+    }
+    if !r.labels.is_empty()
+        && let Some(t) = r.model("tuned")
+    {
+        let _ = writeln!(s, "\n## Confusion matrix (tuned; rows: teacher, columns: tuned)\n");
+        let mut cols = r.labels.clone();
+        cols.push("(other)".into());
+        let _ = writeln!(s, "| teacher \\ tuned | {} |", cols.join(" | "));
+        let _ = writeln!(s, "|---|{}", "---|".repeat(cols.len()));
+        for row in &r.labels {
+            let mut counts = vec![0usize; cols.len()];
+            for (a, e) in t.answers.iter().zip(&r.examples) {
+                if metrics::label_of(&e.reference, &r.labels) == Some(row.as_str()) {
+                    let j = metrics::label_of(a, &r.labels)
+                        .and_then(|l| r.labels.iter().position(|x| x == l))
+                        .unwrap_or(cols.len() - 1);
+                    counts[j] += 1;
+                }
+            }
+            let cells: Vec<String> = counts.iter().map(ToString::to_string).collect();
+            let _ = writeln!(s, "| {row} | {} |", cells.join(" | "));
+        }
+    }
+    if let Some(t) = r.model("tuned") {
+        // Worst by normalized similarity to the reference (chrF), so near misses rank above nonsense.
+        let mut idx: Vec<(f64, usize)> = t
+            .answers
+            .iter()
+            .zip(&r.examples)
+            .enumerate()
+            .map(|(i, (a, e))| {
+                (metrics::normalized_exact_match(a, &e.reference) + metrics::chrf(a, &e.reference), i)
+            })
+            .filter(|(v, _)| *v < 2.0)
+            .collect();
+        idx.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        if !idx.is_empty() {
+            let _ = writeln!(s, "\n## Worst examples (tuned)\n");
+            let base = r.model("base");
+            let _ = writeln!(
+                s,
+                "| line | input | teacher | tuned |{}",
+                if base.is_some() { " base |" } else { "" }
+            );
+            let _ = writeln!(s, "|---|---|---|---|{}", if base.is_some() { "---|" } else { "" });
+            for (_, i) in idx.iter().take(20) {
+                let e = &r.examples[*i];
+                let _ = write!(
+                    s,
+                    "| {} | {} | {} | {} |",
+                    e.line,
+                    md_cell(&e.input, 80),
+                    md_cell(&e.reference, 60),
+                    md_cell(&t.answers[*i], 60)
+                );
+                if let Some(b) = base {
+                    let _ = write!(s, " {} |", md_cell(&b.answers[*i], 60));
+                }
+                let _ = writeln!(s);
+            }
+        }
+    }
+    s
+}
+
+/// Writes `report.json` and `report.md` into `dir`, each atomically.
+pub fn write(r: &Report, dir: &Path) -> Result<(), EvalError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| EvalError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let json = serde_json::to_vec_pretty(r).map_err(|e| EvalError::Input(e.to_string()))?;
+    let p = dir.join("report.json");
+    retort_io::write_atomic(&p, &json, true).map_err(io(&p))?;
+    let p = dir.join("report.md");
+    retort_io::write_atomic(&p, markdown(r).as_bytes(), true).map_err(io(&p))?;
+    Ok(())
+}
