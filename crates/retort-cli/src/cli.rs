@@ -59,6 +59,12 @@ pub enum Command {
         /// Redo train (from scratch), eval and export even when up to date.
         #[arg(long)]
         force: bool,
+
+        /// Stop after this long (e.g. `3h30m`): a stage that would start later is not started, training
+        /// checkpoints in time (its `max_time` is capped by what is left), and the run exits 4; the
+        /// next run resumes.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        max_time: Option<std::time::Duration>,
     },
 
     /// Have the teacher write and grade the dataset: `train/val/test.jsonl` in `project.data_dir`.
@@ -346,4 +352,10 @@ pub enum InspectCommand {
         #[arg(long)]
         full: bool,
     },
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<retort_recipe::types::Duration>()
+        .map(|d| d.0)
+        .map_err(|_| format!("`{s}` is not a duration; write e.g. `90m`, `3h30m` or `45s`"))
 }

@@ -38,9 +38,11 @@ fn init_logging(ui: &Ui) {
 fn run(cli: Cli, ui: &Ui) -> anyhow::Result<Exit> {
     match cli.command {
         Command::Recipe(cmd) => cmd::recipe::run(ui, cmd),
-        Command::Run { recipe, from, only, force } => cmd::run::run(ui, &recipe, from, only, force),
+        Command::Run { recipe, from, only, force, max_time } => {
+            cmd::run::run(ui, &recipe, cmd::run::Options { from, only, force, max_time })
+        }
         Command::Distill { recipe, dry_run } => cmd::distill::run(ui, &recipe, dry_run),
-        Command::Train { recipe, fresh, plan } => cmd::train::run(ui, &recipe, fresh, plan),
+        Command::Train { recipe, fresh, plan } => cmd::train::run(ui, &recipe, fresh, plan, None),
         Command::Eval { recipe, force } => cmd::eval::run(ui, &recipe, force),
         Command::Generate(args) => cmd::model::generate(ui, args),
         Command::Logits(args) => cmd::model::logits(ui, args),

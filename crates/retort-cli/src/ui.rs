@@ -27,6 +27,9 @@ pub struct Ui {
     pub color: bool,
     /// -1 quiet (-q), 0 normal, 1+ verbose (-v).
     pub verbosity: i8,
+    /// Set when a stage reports that it had nothing to do (see [`Ui::up_to_date`]); `retort run`
+    /// reads it to record each stage's decision.
+    pub skipped: std::cell::Cell<bool>,
 }
 
 impl Ui {
@@ -41,7 +44,7 @@ impl Ui {
         let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
         let force = std::env::var_os("CLICOLOR_FORCE").is_some_and(|v| !v.is_empty() && v != "0");
         let color = !json && !no_color && (stderr_tty || force);
-        Ui { json, color, verbosity }
+        Ui { json, color, verbosity, skipped: std::cell::Cell::new(false) }
     }
 
     fn paint(&self, style: Style, text: &str) -> String {
@@ -82,6 +85,12 @@ impl Ui {
             text.push_str(&format!("\n{} {h}\n", self.paint(cyan, "hint:")));
         }
         self.stderr(&text);
+    }
+
+    /// The `up to date` status: the stage finds its last result still valid and does nothing.
+    pub fn up_to_date(&self, detail: &str) {
+        self.skipped.set(true);
+        self.status("up to date", detail);
     }
 
     /// A status line for people (`created`, `ok`); suppressed by `-q`; JSON event in JSON mode.

@@ -179,3 +179,50 @@ fn a_failed_gate_exits_3_and_stops_before_export() {
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     assert!(text(&o).contains("up to date"), "{}", text(&o));
 }
+
+/// The README's main command, `retort run recipes/quickstart.toml`, on a copy of the shipped recipe and
+/// data: every stage runs offline, training lowers the validation loss, the tuned model beats the base on
+/// the held-out split, and the served files are written.
+#[test]
+fn the_quickstart_runs_end_to_end() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join("recipes")).unwrap();
+    std::fs::create_dir_all(dir.join("data/quickstart")).unwrap();
+    std::fs::copy(root.join("recipes/quickstart.toml"), dir.join("recipes/quickstart.toml")).unwrap();
+    for f in ["teacher.jsonl", "tickets.jsonl"] {
+        std::fs::copy(root.join("data/quickstart").join(f), dir.join("data/quickstart").join(f)).unwrap();
+    }
+    let o = retort(dir, &["run", "recipes/quickstart.toml"]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("tiny"), "the output must say the base is a tiny demo model:\n{out}");
+    let ck = dir.join("checkpoints/quickstart");
+    for f in [
+        "adapter/adapter_model.safetensors",
+        "train/report.json",
+        "train/loss.svg",
+        "eval/report.json",
+        "eval/report.md",
+        "eval/report.html",
+        "export/quickstart-Q8_0.gguf",
+        "export/Modelfile",
+        "run.json",
+    ] {
+        assert!(ck.join(f).is_file(), "{f} missing:\n{out}");
+    }
+    let train: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ck.join("train/report.json")).unwrap()).unwrap();
+    let (first, last) = (train["first_val_loss"].as_f64().unwrap(), train["val_loss"].as_f64().unwrap());
+    assert!(last < first, "validation loss went from {first} to {last}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ck.join("eval/report.json")).unwrap()).unwrap();
+    let score = |i: usize| report["models"][i]["scores"]["label_accuracy"]["value"].as_f64().unwrap();
+    assert_eq!(report["models"][0]["model"], "base");
+    assert_eq!(report["models"][1]["model"], "tuned");
+    assert!(score(1) > score(0), "tuned {} is not above base {}", score(1), score(0));
+    assert!(report["serving"]["tuned_requests_per_hour"].as_f64().unwrap() > 0.0);
+    let html = std::fs::read_to_string(ck.join("eval/report.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("Training loss") && html.contains("Confusion matrix"));
+}

@@ -7,6 +7,7 @@
 //! teacher on inputs neither model trained on. Answers are generated greedily in batches with the KV
 //! cache, from the prompt the chat template renders for the conversation before its last assistant turn.
 
+pub mod html;
 pub mod metrics;
 pub mod report;
 
@@ -95,6 +96,8 @@ pub struct Setup {
     pub device: Device,
     /// Weights' precision.
     pub precision: Precision,
+    /// The device in words (e.g. `cpu (2 threads)`), for the report's throughput figures.
+    pub device_name: String,
 }
 
 /// One score with its interval.
@@ -119,8 +122,81 @@ pub struct ModelResult {
     pub seconds: f64,
     /// Generated tokens per second.
     pub tokens_per_s: f64,
+    /// Answered requests per second at `eval.batch_size` (0 for the teacher).
+    #[serde(default)]
+    pub requests_per_s: f64,
+    /// Median seconds from a request's batch starting to its answer (0 for the teacher).
+    #[serde(default)]
+    pub latency_p50_s: f64,
+    /// 95th percentile of the same.
+    #[serde(default)]
+    pub latency_p95_s: f64,
     /// Answers in test order.
     pub answers: Vec<String>,
+}
+
+/// What serving costs: the tuned model on the machine eval ran on, against the teacher's API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Serving {
+    /// The machine the throughput was measured on.
+    pub device: String,
+    /// Requests generated together.
+    pub batch_size: u32,
+    /// The tuned model's measured throughput.
+    pub tuned_requests_per_hour: f64,
+    /// `eval.hardware_usd_per_hour`, when the recipe gives it.
+    pub hardware_usd_per_hour: Option<f64>,
+    /// The tuned model's cost per 1,000 requests (needs `hardware_usd_per_hour`).
+    pub tuned_usd_per_1k: Option<f64>,
+    /// The teacher's mean paid cost per request in distill (`distill.json`), times 1,000.
+    pub teacher_usd_per_1k: Option<f64>,
+    /// Where the teacher's figure comes from, or why there is none.
+    pub teacher_note: String,
+}
+
+impl Serving {
+    /// From the tuned model's measurements, the recipe's hardware price and `distill.json`.
+    pub fn of(tuned: &ModelResult, recipe: &Recipe, device: &str) -> Serving {
+        let per_hour = tuned.requests_per_s * 3600.0;
+        let hw = recipe.eval.hardware_usd_per_hour;
+        let tuned_usd_per_1k = hw.filter(|_| per_hour > 0.0).map(|usd| usd / per_hour * 1000.0);
+        let (teacher_usd_per_1k, teacher_note) = teacher_cost(&recipe.project.data_dir.join("distill.json"));
+        Serving {
+            device: device.to_string(),
+            batch_size: recipe.eval.batch_size,
+            tuned_requests_per_hour: per_hour,
+            hardware_usd_per_hour: hw,
+            tuned_usd_per_1k,
+            teacher_usd_per_1k,
+            teacher_note,
+        }
+    }
+}
+
+/// The teacher's mean paid cost per request from a `distill.json`, times 1,000, and a note.
+pub fn teacher_cost(distill_json: &Path) -> (Option<f64>, String) {
+    let Some(v) = std::fs::read_to_string(distill_json)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    else {
+        return (None, format!("no `{}` to take the teacher's cost from", distill_json.display()));
+    };
+    let sent = v["requests"]["sent"].as_f64().unwrap_or(0.0);
+    let usd = v["cost_usd"]["total"].as_f64().unwrap_or(0.0);
+    let who = format!(
+        "{} `{}`",
+        v["teacher"]["provider"].as_str().unwrap_or("?"),
+        v["teacher"]["model"].as_str().unwrap_or("?")
+    );
+    if sent > 0.0 && usd > 0.0 {
+        let batch = if v["teacher"]["batch"].as_bool() == Some(true) { ", at the batch discount" } else { "" };
+        (
+            Some(usd / sent * 1000.0),
+            format!("{who}: ${usd:.4} over {sent} distill requests{batch} (distill.json)"),
+        )
+    } else {
+        (None, format!("{who}: distill.json records no paid requests (no price known, or a replayed teacher)"))
+    }
 }
 
 /// One test example.
@@ -155,6 +231,9 @@ pub struct Report {
     pub fingerprint: String,
     /// The gate's verdict.
     pub gate: Option<GateResult>,
+    /// Throughput and cost per 1,000 requests, when the tuned model was evaluated.
+    #[serde(default)]
+    pub serving: Option<Serving>,
 }
 
 impl Report {
@@ -276,6 +355,26 @@ fn prompts(
     Ok(out)
 }
 
+/// One model's answers and how fast they came.
+struct Generated {
+    answers: Vec<String>,
+    seconds: f64,
+    tokens_per_s: f64,
+    /// Per request: the seconds its batch took.
+    latencies: Vec<f64>,
+}
+
+/// The `q` quantile (nearest rank) of `v`; 0 for none.
+fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    s[rank - 1]
+}
+
 fn answers(
     model: &Transformer,
     tok: &Tokenizer,
@@ -283,7 +382,7 @@ fn answers(
     recipe: &Recipe,
     progress: &dyn Progress,
     name: &str,
-) -> Result<(Vec<String>, f64, f64), EvalError> {
+) -> Result<Generated, EvalError> {
     let mut eos = tok.eos_ids.clone();
     for id in &model.config.eos_token_ids {
         if !eos.contains(id) {
@@ -300,9 +399,12 @@ fn answers(
     let task = progress.task(&format!("eval {name}"), prompts.len() as u64);
     let started = Instant::now();
     let mut out = Vec::with_capacity(prompts.len());
+    let mut latencies = Vec::with_capacity(prompts.len());
     let mut tokens = 0usize;
     for chunk in prompts.chunks(recipe.eval.batch_size.max(1) as usize) {
+        let t = Instant::now();
         let g = retort_model::generate(model, chunk, &opts, |_, _| {})?;
+        latencies.extend(std::iter::repeat_n(t.elapsed().as_secs_f64(), chunk.len()));
         for row in g.tokens {
             tokens += row.len();
             let body: Vec<u32> = row.into_iter().filter(|t| !eos.contains(t)).collect();
@@ -311,8 +413,23 @@ fn answers(
         task.inc(chunk.len() as u64);
     }
     task.finish();
-    let secs = started.elapsed().as_secs_f64();
-    Ok((out, secs, tokens as f64 / secs.max(1e-9)))
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Generated { answers: out, seconds, tokens_per_s: tokens as f64 / seconds.max(1e-9), latencies })
+}
+
+impl Generated {
+    fn result(self, model: &str, scores: BTreeMap<String, Score>) -> ModelResult {
+        ModelResult {
+            model: model.into(),
+            scores,
+            seconds: self.seconds,
+            tokens_per_s: self.tokens_per_s,
+            requests_per_s: self.answers.len() as f64 / self.seconds.max(1e-9),
+            latency_p50_s: quantile(&self.latencies, 0.5),
+            latency_p95_s: quantile(&self.latencies, 0.95),
+            answers: self.answers,
+        }
+    }
 }
 
 /// Scores `answers` against the examples' references.
@@ -424,28 +541,16 @@ pub fn run(recipe: &Recipe, setup: &Setup, progress: &dyn Progress) -> Result<Re
         let (mut model, _) = Transformer::load(&setup.base_dir, setup.precision, &setup.device)?;
         tok.check_model_vocab(model.config.vocab_size)?;
         if compare.contains(&Compare::Base) {
-            let (a, secs, tps) = answers(&model, &tok, &p.ids, recipe, progress, "base")?;
-            let scores = score(&metrics, &a, &p.examples, &labels, schema.as_ref(), resamples, seed)?;
-            models.push(ModelResult {
-                model: "base".into(),
-                scores,
-                seconds: secs,
-                tokens_per_s: tps,
-                answers: a,
-            });
+            let g = answers(&model, &tok, &p.ids, recipe, progress, "base")?;
+            let scores = score(&metrics, &g.answers, &p.examples, &labels, schema.as_ref(), resamples, seed)?;
+            models.push(g.result("base", scores));
         }
         if compare.contains(&Compare::Tuned) {
             let (tuned, _) = retort_lora::load_adapter(model, &recipe.project.output_dir.join("adapter"))?;
             model = tuned;
-            let (a, secs, tps) = answers(&model, &tok, &p.ids, recipe, progress, "tuned")?;
-            let scores = score(&metrics, &a, &p.examples, &labels, schema.as_ref(), resamples, seed)?;
-            models.push(ModelResult {
-                model: "tuned".into(),
-                scores,
-                seconds: secs,
-                tokens_per_s: tps,
-                answers: a,
-            });
+            let g = answers(&model, &tok, &p.ids, recipe, progress, "tuned")?;
+            let scores = score(&metrics, &g.answers, &p.examples, &labels, schema.as_ref(), resamples, seed)?;
+            models.push(g.result("tuned", scores));
         }
     }
     if compare.contains(&Compare::Teacher) {
@@ -456,6 +561,9 @@ pub fn run(recipe: &Recipe, setup: &Setup, progress: &dyn Progress) -> Result<Re
             scores,
             seconds: 0.0,
             tokens_per_s: 0.0,
+            requests_per_s: 0.0,
+            latency_p50_s: 0.0,
+            latency_p95_s: 0.0,
             answers: a,
         });
     }
@@ -474,8 +582,11 @@ pub fn run(recipe: &Recipe, setup: &Setup, progress: &dyn Progress) -> Result<Re
         labels,
         fingerprint: fp,
         gate: None,
+        serving: None,
     };
+    r.serving = r.model("tuned").map(|t| Serving::of(t, recipe, &setup.device_name));
     r.gate = Some(gate(&r, &recipe.eval.gate)?);
-    report::write(&r, &eval_dir(recipe))?;
+    let loss = std::fs::read_to_string(recipe.project.output_dir.join("train").join("loss.svg")).ok();
+    report::write(&r, &eval_dir(recipe), loss.as_deref())?;
     Ok(r)
 }

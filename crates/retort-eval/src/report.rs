@@ -110,6 +110,28 @@ pub fn gate(r: &Report, g: &Gate) -> Result<GateResult, EvalError> {
     Ok(GateResult { passed: checks.iter().all(|c| c.passed), checks })
 }
 
+/// Sentences on throughput, latency and cost per 1,000 requests, shared by the Markdown and HTML reports.
+pub fn serving_lines(r: &Report, v: &crate::Serving) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(t) = r.model("tuned") {
+        out.push(format!(
+            "tuned model on {}, batches of {}: {:.2} requests/s ({:.0}/hour), {:.1} generated tokens/s, \
+             latency p50 {:.2} s, p95 {:.2} s",
+            v.device, v.batch_size, t.requests_per_s, v.tuned_requests_per_hour, t.tokens_per_s,
+            t.latency_p50_s, t.latency_p95_s
+        ));
+    }
+    out.push(match (v.tuned_usd_per_1k, v.hardware_usd_per_hour) {
+        (Some(c), Some(h)) => format!("tuned: ${c:.4} per 1,000 requests at ${h:.2}/hour"),
+        _ => "tuned: set `eval.hardware_usd_per_hour` for a cost per 1,000 requests".to_string(),
+    });
+    out.push(match v.teacher_usd_per_1k {
+        Some(c) => format!("teacher: ${c:.4} per 1,000 requests ({})", v.teacher_note),
+        None => format!("teacher: no cost ({})", v.teacher_note),
+    });
+    out
+}
+
 fn md_cell(s: &str, max: usize) -> String {
     let one: String = s.split_whitespace().collect::<Vec<_>>().join(" ").replace('|', "\\|");
     if one.chars().count() > max { format!("{}…", one.chars().take(max).collect::<String>()) } else { one }
@@ -147,6 +169,12 @@ pub fn markdown(r: &Report) -> String {
         }
         let tps = if m.tokens_per_s > 0.0 { format!("{:.1}", m.tokens_per_s) } else { "-".into() };
         let _ = writeln!(s, " {tps} |");
+    }
+    if let Some(v) = &r.serving {
+        let _ = writeln!(s, "\n## Serving\n");
+        for line in serving_lines(r, v) {
+            let _ = writeln!(s, "- {line}");
+        }
     }
     if let Some(g) = &r.gate {
         let _ = writeln!(s, "\n## Gate: {}\n", if g.passed { "passed" } else { "FAILED" });
@@ -221,8 +249,9 @@ pub fn markdown(r: &Report) -> String {
     s
 }
 
-/// Writes `report.json` and `report.md` into `dir`, each atomically.
-pub fn write(r: &Report, dir: &Path) -> Result<(), EvalError> {
+/// Writes `report.json`, `report.md` and `report.html` (with the training loss curve `loss_svg`, when
+/// given) into `dir`, each atomically.
+pub fn write(r: &Report, dir: &Path, loss_svg: Option<&str>) -> Result<(), EvalError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| EvalError::Io { path, source }
@@ -233,5 +262,7 @@ pub fn write(r: &Report, dir: &Path) -> Result<(), EvalError> {
     retort_io::write_atomic(&p, &json, true).map_err(io(&p))?;
     let p = dir.join("report.md");
     retort_io::write_atomic(&p, markdown(r).as_bytes(), true).map_err(io(&p))?;
+    let p = dir.join("report.html");
+    retort_io::write_atomic(&p, crate::html::html(r, loss_svg).as_bytes(), true).map_err(io(&p))?;
     Ok(())
 }

@@ -945,6 +945,14 @@ fn eval(c: &mut Ctx<'_>, r: &Recipe) {
     c.at_least("eval.max_new_tokens", e.max_new_tokens.into(), 1, "");
     c.at_least("eval.batch_size", e.batch_size.into(), 1, "");
     c.at_least("eval.bootstrap", e.bootstrap.into(), 100, "1000 resamples give stable 95% intervals");
+    if let Some(usd) = e.hardware_usd_per_hour {
+        c.range(
+            "eval.hardware_usd_per_hour",
+            usd,
+            Interval { lo: 0.0, hi: f64::INFINITY, lo_open: false, hi_open: true },
+            "the hourly price of the serving machine in US dollars, e.g. 1.2",
+        );
+    }
     let g = &e.gate;
     if let Some(m) = g.min_score {
         c.range(

@@ -228,6 +228,8 @@ pub struct Report {
     pub first_loss: Option<f64>,
     /// Mean loss of the last logged steps (up to 10).
     pub final_loss: Option<f64>,
+    /// Validation loss before the first step (the base's: a fresh adapter changes nothing).
+    pub first_val_loss: Option<f64>,
     /// Validation loss at the end.
     pub val_loss: Option<f64>,
     /// Best validation loss and its step.
@@ -530,7 +532,8 @@ struct Metrics {
 }
 
 impl Metrics {
-    /// Opens the file, keeping only lines of steps up to `step` (later ones are recomputed).
+    /// Opens the file, keeping only lines of steps up to `step` (later ones are recomputed; a run at
+    /// step 0 starts an empty file).
     fn open(path: &Path, step: u64) -> Result<Metrics, TrainError> {
         let kept: Vec<String> = std::fs::read_to_string(path)
             .unwrap_or_default()
@@ -539,7 +542,7 @@ impl Metrics {
                 serde_json::from_str::<serde_json::Value>(l)
                     .ok()
                     .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| s <= step)
+                    .is_some_and(|s| s <= step && step > 0)
             })
             .map(str::to_string)
             .collect();
@@ -685,6 +688,13 @@ pub fn run(
         min_ratio: t.min_lr_ratio,
     };
     let mut metrics = Metrics::open(&layout.train_dir.join("metrics.jsonl"), state.step)?;
+    if state.step == 0
+        && plan.eval_every > 0
+        && let Some(v) = val_loss(&model, &data.val, t.micro_batch_size.max(1) as usize)
+    {
+        // The untrained adapter's validation loss (B = 0: the base's), the curve's starting point.
+        metrics.write(&json!({"step": 0, "val_loss": v}))?;
+    }
     let task = progress.task("train", plan.total_steps);
     task.inc(state.step);
     let mb = t.micro_batch_size.max(1) as usize;
@@ -803,6 +813,7 @@ pub fn run(
         skipped_steps: state.skipped_steps,
         first_loss: history.loss.first().map(|(_, l)| *l),
         final_loss: (!tail.is_empty()).then(|| tail.iter().sum::<f64>() / tail.len() as f64),
+        first_val_loss: history.val.first().filter(|(step, _)| *step == 0).map(|(_, v)| *v),
         val_loss: last_val.or_else(|| history.val.last().map(|(_, v)| *v)),
         best_val: state.best_val,
         elapsed_s: state.elapsed_s,

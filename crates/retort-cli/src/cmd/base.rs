@@ -42,8 +42,16 @@ pub(crate) fn resolve(ui: &Ui, recipe: &Recipe) -> anyhow::Result<Base> {
         ModelRef::Hub { repo } => resolve_model(ui, Path::new(repo), &recipe.base.revision)?,
         ModelRef::Builtin(n) => {
             let dir = builtin_dir(recipe, n);
-            retort_model::builtin::materialize(n, &dir)
-                .map_err(|e| CliError::input(e.to_string()).hint("built-in models: tiny-llama"))?
+            let dir = retort_model::builtin::materialize(n, &dir)
+                .map_err(|e| CliError::input(e.to_string()).hint("built-in models: tiny-llama"))?;
+            ui.status(
+                "base",
+                &format!(
+                    "`builtin:{n}` is a tiny random model retort builds itself: it shows that the pipeline \
+                     works, not model quality; set `base.model` to a hub id for real results"
+                ),
+            );
+            dir
         }
     };
     Ok(Base { dir, name })

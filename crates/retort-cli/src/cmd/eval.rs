@@ -19,12 +19,18 @@ pub fn run(ui: &Ui, file: &Path, force: bool) -> anyhow::Result<Exit> {
     let Some(recipe) = load_recipe(ui, file) else { return Ok(Exit::BadInput) };
     let base = resolve(ui, &recipe)?;
     let (dev, precision) = device(&recipe)?;
-    let setup = Setup { base_dir: base.dir, base_name: base.name, device: dev.device, precision };
+    let setup = Setup {
+        base_dir: base.dir,
+        base_name: base.name,
+        device: dev.device,
+        precision,
+        device_name: dev.name.clone(),
+    };
     let dir = retort_eval::eval_dir(&recipe);
     let fp = retort_eval::fingerprint(&recipe, &setup).map_err(|e| eval_error(&e))?;
     let report = match (force, retort_eval::up_to_date(&recipe, &fp)) {
         (false, Some(r)) => {
-            ui.status("up to date", &format!("{} matches the test split, adapter and recipe", dir.display()));
+            ui.up_to_date(&format!("{} matches the test split, adapter and recipe", dir.display()));
             r
         }
         _ => {
@@ -36,7 +42,7 @@ pub fn run(ui: &Ui, file: &Path, force: bool) -> anyhow::Result<Exit> {
         }
     };
     print(ui, &report);
-    ui.status("report", &format!("{} and report.md", dir.join("report.json").display()));
+    ui.status("report", &format!("{} (and report.md, report.html)", dir.join("report.json").display()));
     match &report.gate {
         Some(g) if !g.passed => {
             let failed: Vec<&str> =

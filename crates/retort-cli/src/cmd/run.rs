@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cmd::base::load_recipe;
 use crate::cmd::export::ExportArgs;
-use crate::exit::Exit;
+use crate::exit::{CliError, Exit};
 use crate::ui::Ui;
 
 /// A pipeline stage.
@@ -63,15 +63,34 @@ fn git_commit(dir: &Path) -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-pub fn run(
-    ui: &Ui,
-    file: &Path,
-    from: Option<Stage>,
-    only: Option<Stage>,
-    force: bool,
-) -> anyhow::Result<Exit> {
+/// What `retort run` was asked for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Start at this stage.
+    pub from: Option<Stage>,
+    /// Run only this stage.
+    pub only: Option<Stage>,
+    /// Redo what is up to date.
+    pub force: bool,
+    /// Wall-clock limit for the whole run.
+    pub max_time: Option<std::time::Duration>,
+}
+
+pub fn run(ui: &Ui, file: &Path, opts: Options) -> anyhow::Result<Exit> {
+    let Options { from, only, force, max_time } = opts;
     let Some(recipe) = load_recipe(ui, file) else { return Ok(Exit::BadInput) };
     let started = Instant::now();
+    let deadline = max_time.map(|m| started + m);
+    // One `retort run` per output directory (its own lock directory, so that no stage's lock, e.g.
+    // distill's on a data_dir equal to output_dir, can collide with it); each stage also locks its own.
+    let _lock = retort_io::RunLock::acquire(
+        &recipe.project.output_dir.join(".run"),
+        &format!("retort run {}", file.display()),
+    )
+        .map_err(|e| {
+            CliError::input(e.to_string())
+                .hint("wait for the other run to finish; a lock left by a killed run is taken over automatically")
+        })?;
     let mut record = Vec::new();
     let mut exit = Exit::Ok;
     for stage in [Stage::Distill, Stage::Train, Stage::Eval, Stage::Export] {
@@ -87,20 +106,28 @@ pub fn run(
             record.push(serde_json::json!({"stage": stage.name(), "decision": "skipped", "why": why}));
             continue;
         }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            ui.error(
+                &format!("`--max-time` reached before {}; the work so far is saved", stage.name()),
+                Some("run the same command again to continue"),
+            );
+            record.push(serde_json::json!({"stage": stage.name(), "decision": "not started", "why": "max_time"}));
+            exit = Exit::Limit;
+            break;
+        }
         ui.status("stage", stage.name());
         let t = Instant::now();
-        let mut decision = "ran";
+        ui.skipped.set(false);
         let result = match stage {
             Stage::Distill => crate::cmd::distill::run(ui, file, false),
-            Stage::Train => crate::cmd::train::run(ui, file, force, false),
+            Stage::Train => crate::cmd::train::run(ui, file, force, false, deadline),
             Stage::Eval => crate::cmd::eval::run(ui, file, force),
             Stage::Export => {
                 let fp = export_fingerprint(&recipe);
                 let stamp = recipe.project.output_dir.join("export").join(STAMP);
                 let same = fp.is_some() && std::fs::read_to_string(&stamp).ok() == fp;
                 if same && !force {
-                    ui.status("up to date", "export: the adapter, base and `[export]` are unchanged");
-                    decision = "up to date";
+                    ui.up_to_date("export: the adapter, base and `[export]` are unchanged");
                     Ok(Exit::Ok)
                 } else {
                     let args = ExportArgs {
@@ -121,6 +148,7 @@ pub fn run(
             }
         };
         let seconds = t.elapsed().as_secs_f64();
+        let decision = if ui.skipped.get() { "up to date" } else { "ran" };
         let code = match &result {
             Ok(e) => *e,
             Err(_) => Exit::BadInput,

@@ -25,8 +25,20 @@ fn train_error(e: &TrainError) -> CliError {
     if e.is_input() { c } else { CliError { exit: Exit::Internal, ..c } }
 }
 
-pub fn run(ui: &Ui, file: &Path, fresh: bool, plan_only: bool) -> anyhow::Result<Exit> {
-    let Some(recipe) = crate::cmd::base::load_recipe(ui, file) else { return Ok(Exit::BadInput) };
+/// `deadline` (from `retort run --max-time`) caps `train.max_time` by the time left.
+pub fn run(
+    ui: &Ui,
+    file: &Path,
+    fresh: bool,
+    plan_only: bool,
+    deadline: Option<std::time::Instant>,
+) -> anyhow::Result<Exit> {
+    let Some(mut recipe) = crate::cmd::base::load_recipe(ui, file) else { return Ok(Exit::BadInput) };
+    if let Some(d) = deadline {
+        let left = d.saturating_duration_since(std::time::Instant::now());
+        let cap = recipe.train.max_time.map_or(left, |m| m.0.min(left));
+        recipe.train.max_time = Some(retort_recipe::types::Duration(cap));
+    }
     let base = crate::cmd::base::resolve(ui, &recipe)?;
     let (device, precision) = crate::cmd::base::device(&recipe)?;
     let layout = Layout::of(&recipe);
@@ -115,10 +127,10 @@ pub fn run(ui: &Ui, file: &Path, fresh: bool, plan_only: bool) -> anyhow::Result
             Ok(Exit::Ok)
         }
         Ok(Outcome::UpToDate { adapter }) => {
-            ui.status(
-                "up to date",
-                &format!("{} matches the recipe, data and base; `--fresh` trains again", adapter.display()),
-            );
+            ui.up_to_date(&format!(
+                "{} matches the recipe, data and base; `--fresh` trains again",
+                adapter.display()
+            ));
             Ok(Exit::Ok)
         }
         Ok(Outcome::Stopped { step, total, checkpoint, reason }) => {

@@ -114,6 +114,11 @@ pub struct Eval {
     /// The judge for `judge_win_rate`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub judge: Option<Judge>,
+    /// What an hour of the machine that serves the tuned model costs, in US dollars (e.g. 1.20 for a
+    /// cloud L4). With it the report gives the tuned model's cost per 1,000 requests beside the
+    /// teacher's, from the throughput measured during eval. Without it only the throughput is reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hardware_usd_per_hour: Option<f64>,
     /// Quality gate.
     pub gate: Gate,
 }
@@ -129,6 +134,7 @@ impl Default for Eval {
             batch_size: 8,
             bootstrap: 1000,
             judge: None,
+            hardware_usd_per_hour: None,
             gate: Gate::default(),
         }
     }
