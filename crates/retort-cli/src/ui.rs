@@ -27,9 +27,15 @@ pub struct Ui {
     pub color: bool,
     /// -1 quiet (-q), 0 normal, 1+ verbose (-v).
     pub verbosity: i8,
-    /// Set when a stage reports that it had nothing to do (see [`Ui::up_to_date`]); `retort run`
-    /// reads it to record each stage's decision.
-    pub skipped: std::cell::Cell<bool>,
+}
+
+/// Set when a stage reports that it had nothing to do (see [`Ui::up_to_date`]); `retort run` reads and
+/// clears it to record each stage's decision. Stages run one after another in one process.
+static STAGE_UP_TO_DATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the stage that just ran reported `up to date`; clears the flag.
+pub fn take_up_to_date() -> bool {
+    STAGE_UP_TO_DATE.swap(false, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Ui {
@@ -44,7 +50,7 @@ impl Ui {
         let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
         let force = std::env::var_os("CLICOLOR_FORCE").is_some_and(|v| !v.is_empty() && v != "0");
         let color = !json && !no_color && (stderr_tty || force);
-        Ui { json, color, verbosity, skipped: std::cell::Cell::new(false) }
+        Ui { json, color, verbosity }
     }
 
     fn paint(&self, style: Style, text: &str) -> String {
@@ -89,7 +95,7 @@ impl Ui {
 
     /// The `up to date` status: the stage finds its last result still valid and does nothing.
     pub fn up_to_date(&self, detail: &str) {
-        self.skipped.set(true);
+        STAGE_UP_TO_DATE.store(true, std::sync::atomic::Ordering::Relaxed);
         self.status("up to date", detail);
     }
 

@@ -143,6 +143,9 @@ fn run_does_every_stage_then_finds_them_up_to_date() {
     let stages: Vec<&str> =
         run["stages"].as_array().unwrap().iter().map(|s| s["decision"].as_str().unwrap()).collect();
     assert_eq!(stages, ["ran", "ran", "ran", "ran"]);
+    assert_eq!(run["hashes"]["test.jsonl"].as_str().unwrap().len(), 64, "{run}");
+    assert!(run["hashes"]["adapter_model.safetensors"].is_string(), "{run}");
+    assert_eq!(run["costs"]["teacher_usd_total"], 0.0, "a replayed teacher costs nothing");
 
     let o = retort(dir, &["run", "r.toml"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
@@ -157,6 +160,29 @@ fn run_does_every_stage_then_finds_them_up_to_date() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains("evaluating"), "{}", text(&o));
     assert!(!text(&o).contains("training"), "{}", text(&o));
+
+    // One recipe field changes: only the stages that read it run again.
+    let decisions = |dir: &Path| -> Vec<String> {
+        let run: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("out/run.json")).unwrap()).unwrap();
+        run["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["decision"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let recipe = std::fs::read_to_string(dir.join("r.toml")).unwrap();
+    std::fs::write(dir.join("r.toml"), recipe.replace("bootstrap = 200", "bootstrap = 300")).unwrap();
+    let o = retort(dir, &["run", "r.toml"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(decisions(dir), ["ran", "up to date", "ran", "up to date"], "{}", text(&o));
+    let recipe = std::fs::read_to_string(dir.join("r.toml")).unwrap();
+    std::fs::write(dir.join("r.toml"), recipe.replace("lr = 1e-2", "lr = 2e-2")).unwrap();
+    let o = retort(dir, &["run", "r.toml"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("train.lr: 0.01 then, 0.02 now"), "{}", text(&o));
+    assert_eq!(decisions(dir), ["ran", "ran", "ran", "ran"], "{}", text(&o));
 }
 
 #[test]
@@ -225,4 +251,46 @@ fn the_quickstart_runs_end_to_end() {
     assert!(report["serving"]["tuned_requests_per_hour"].as_f64().unwrap() > 0.0);
     let html = std::fs::read_to_string(ck.join("eval/report.html")).unwrap();
     assert!(html.contains("<svg") && html.contains("Training loss") && html.contains("Confusion matrix"));
+}
+
+/// SIGTERM during training (what Slurm, systemd and the kubelet send): the run checkpoints and exits 4,
+/// records it, and the next `retort run` resumes training to the end and finishes the pipeline.
+#[test]
+fn sigterm_mid_training_exits_4_and_the_next_run_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_case(dir, "");
+    let recipe = std::fs::read_to_string(dir.join("r.toml")).unwrap();
+    std::fs::write(dir.join("r.toml"), recipe.replace("max_steps = 12", "max_steps = 60\nsave_every = 1"))
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_retort"))
+        .current_dir(dir)
+        .args(["--log-format", "human", "run", "r.toml"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until a few steps are logged.
+    let metrics = dir.join("out/train/metrics.jsonl");
+    let t = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.matches("\"loss\"").count()) < 3 {
+        assert!(t.elapsed().as_secs() < 300, "training never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let ok = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(ok.success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("out/run.json")).unwrap()).unwrap();
+    assert_eq!(run["exit"], 4);
+    assert!(!dir.join("out/eval/report.json").exists(), "eval ran after a stopped training");
+
+    let o = retort(dir, &["run", "r.toml"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("resum"), "{}", text(&o));
+    let train: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("out/train/report.json")).unwrap()).unwrap();
+    assert_eq!(train["steps"], 60);
+    assert!(dir.join("out/eval/report.json").is_file() && dir.join("out/export/adapter").is_dir());
 }

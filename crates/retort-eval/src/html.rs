@@ -98,7 +98,8 @@ fn confusion(r: &Report) -> Option<String> {
     cols.push("(other)".into());
     let mut counts = vec![vec![0usize; cols.len()]; r.labels.len()];
     for (a, e) in t.answers.iter().zip(&r.examples) {
-        let Some(i) = metrics::label_of(&e.reference, &r.labels).and_then(|l| r.labels.iter().position(|x| x == l))
+        let Some(i) =
+            metrics::label_of(&e.reference, &r.labels).and_then(|l| r.labels.iter().position(|x| x == l))
         else {
             continue;
         };
@@ -167,8 +168,12 @@ pub fn html(r: &Report, loss_svg: Option<&str>) -> String {
         }
         for c in &g.checks {
             let (class, word) = if c.passed { ("ok", "ok") } else { ("bad", "FAILED") };
-            let _ =
-                write!(s, r#"<li><span class="{class}">{word}</span> <code>{}</code>: {}</li>"#, esc(&c.name), esc(&c.message));
+            let _ = write!(
+                s,
+                r#"<li><span class="{class}">{word}</span> <code>{}</code>: {}</li>"#,
+                esc(&c.name),
+                esc(&c.message)
+            );
         }
         s.push_str("</ul>");
     }
@@ -182,10 +187,13 @@ pub fn html(r: &Report, loss_svg: Option<&str>) -> String {
     if let Some(table) = confusion(r) {
         let _ = write!(s, "<h2>Confusion matrix (tuned)</h2>{table}");
     }
-    if let Some(svg) = loss_svg.filter(|t| t.trim_start().starts_with("<svg") || t.trim_start().starts_with("<?xml")) {
+    if let Some(svg) =
+        loss_svg.filter(|t| t.trim_start().starts_with("<svg") || t.trim_start().starts_with("<?xml"))
+    {
         // Our own file (retort-train's plot); the XML declaration is not allowed inside HTML.
         let svg = svg.trim_start();
-        let svg = if svg.starts_with("<?xml") { svg.split_once("?>").map_or(svg, |(_, rest)| rest) } else { svg };
+        let svg =
+            if svg.starts_with("<?xml") { svg.split_once("?>").map_or(svg, |(_, rest)| rest) } else { svg };
         let _ = write!(s, "<h2>Training loss</h2>{svg}");
     }
     if let Some(t) = r.model("tuned") {
@@ -263,7 +271,11 @@ mod tests {
             examples: refs
                 .iter()
                 .enumerate()
-                .map(|(i, r)| Example { line: i + 1, input: format!("<script>alert({i})</script>"), reference: (*r).into() })
+                .map(|(i, r)| Example {
+                    line: i + 1,
+                    input: format!("<script>alert({i})</script>"),
+                    reference: (*r).into(),
+                })
                 .collect(),
             models: vec![
                 model("base", 0.0, &["zz", "zz", "zz", "zz"]),
@@ -280,7 +292,7 @@ mod tests {
     fn text_from_the_data_is_escaped() {
         let page = html(&report(), None);
         assert!(!page.contains("<script>"), "an input reached the page unescaped");
-        assert!(page.contains("&lt;script&gt;alert(0)&lt;/script&gt;"));
+        assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(page.contains("&lt;b&gt;"));
         assert_eq!(esc(r#"a&"'"#), "a&amp;&quot;&#39;");
     }

@@ -189,13 +189,17 @@ pub fn teacher_cost(distill_json: &Path) -> (Option<f64>, String) {
         v["teacher"]["model"].as_str().unwrap_or("?")
     );
     if sent > 0.0 && usd > 0.0 {
-        let batch = if v["teacher"]["batch"].as_bool() == Some(true) { ", at the batch discount" } else { "" };
+        let batch =
+            if v["teacher"]["batch"].as_bool() == Some(true) { ", at the batch discount" } else { "" };
         (
             Some(usd / sent * 1000.0),
             format!("{who}: ${usd:.4} over {sent} distill requests{batch} (distill.json)"),
         )
     } else {
-        (None, format!("{who}: distill.json records no paid requests (no price known, or a replayed teacher)"))
+        (
+            None,
+            format!("{who}: distill.json records no paid requests (no price known, or a replayed teacher)"),
+        )
     }
 }
 

@@ -117,8 +117,13 @@ pub fn serving_lines(r: &Report, v: &crate::Serving) -> Vec<String> {
         out.push(format!(
             "tuned model on {}, batches of {}: {:.2} requests/s ({:.0}/hour), {:.1} generated tokens/s, \
              latency p50 {:.2} s, p95 {:.2} s",
-            v.device, v.batch_size, t.requests_per_s, v.tuned_requests_per_hour, t.tokens_per_s,
-            t.latency_p50_s, t.latency_p95_s
+            v.device,
+            v.batch_size,
+            t.requests_per_s,
+            v.tuned_requests_per_hour,
+            t.tokens_per_s,
+            t.latency_p50_s,
+            t.latency_p95_s
         ));
     }
     out.push(match (v.tuned_usd_per_1k, v.hardware_usd_per_hour) {

@@ -48,7 +48,8 @@ pub fn quantize_view(
 ) -> Result<Nf4Weight, ModelError> {
     let fail = |e: Nf4Error| ModelError::Input(format!("cannot quantize to NF4: {e}"));
     let q = quantize_tensor(view, DEFAULT_BLOCKSIZE, double_quant).map_err(fail)?;
-    to_device(&q, dtype, device).map_err(|e| fail(Nf4Error::Tensor { name: view.name.to_string(), source: Box::new(e) }))
+    to_device(&q, dtype, device)
+        .map_err(|e| fail(Nf4Error::Tensor { name: view.name.to_string(), source: Box::new(e) }))
 }
 
 /// Loads `dir` with every adaptable projection in NF4 (blocks of 64, QLoRA's), the absmax
@@ -59,6 +60,8 @@ pub fn load_quantized(
     device: &Device,
     double_quant: bool,
 ) -> Result<(Transformer, LoadReport), ModelError> {
-    let quantize = |view: &TensorView<'_>, dtype: DType, device: &Device| quantize_view(view, double_quant, dtype, device);
+    let quantize = |view: &TensorView<'_>, dtype: DType, device: &Device| {
+        quantize_view(view, double_quant, dtype, device)
+    };
     Transformer::load_quantized(dir, precision, device, &quantize)
 }

@@ -22,8 +22,8 @@ use crate::dtype::Precision;
 use crate::error::ModelError;
 use crate::linear::Linear;
 use crate::mlp::{GateUp, Mlp, SeparateGateUp};
-use crate::nf4::Nf4Weight;
 use crate::model::{Layer, Transformer, layer_window};
+use crate::nf4::Nf4Weight;
 use crate::norm::RmsNorm;
 
 /// Turns an adaptable projection's checkpoint tensor into its NF4 form on the device, for a model
@@ -43,7 +43,9 @@ impl Reader<'_> {
         let spec = self.by_role.get(&(layer, role)).ok_or_else(|| {
             ModelError::Input(format!("the model has no {role:?} tensor for layer {layer:?}"))
         })?;
-        self.ckpt.get(&spec.name).ok_or_else(|| ModelError::Input(format!("tensor `{}` is missing", spec.name)))
+        self.ckpt
+            .get(&spec.name)
+            .ok_or_else(|| ModelError::Input(format!("tensor `{}` is missing", spec.name)))
     }
 
     fn tensor<const D: usize>(&self, layer: Option<usize>, role: Role) -> Result<Tensor<D>, ModelError> {

@@ -122,8 +122,10 @@ fn float_tensor(values: &[f32], device: &Device) -> Tensor<1> {
 /// `[words * shifts.len()]` indices.
 fn unpack(words: Tensor<1, Int>, shifts: &[u32], mask: i32) -> Tensor<1, Int> {
     let n = words.dims()[0];
-    let fields: Vec<Tensor<1, Int>> =
-        shifts.iter().map(|&s| words.clone().bitwise_right_shift_scalar(s).bitwise_and_scalar(mask)).collect();
+    let fields: Vec<Tensor<1, Int>> = shifts
+        .iter()
+        .map(|&s| words.clone().bitwise_right_shift_scalar(s).bitwise_and_scalar(mask))
+        .collect();
     Tensor::stack::<2>(fields, 1).reshape([n * shifts.len()])
 }
 

@@ -248,6 +248,9 @@ pub struct Report {
     pub val_data: Option<PrepareReport>,
     /// What was trained.
     pub fingerprint: BTreeMap<String, String>,
+    /// When this run replaced a finished run of other settings: what changed (`key: old then, new now`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replaced_finished_run: Vec<String>,
 }
 
 /// Paths of the run.
@@ -627,12 +630,22 @@ pub fn run(
     } else if finished_report(&layout, &fp) {
         return Ok(Outcome::UpToDate { adapter: layout.adapter_dir.clone() });
     }
-    let latest = checkpoint::list(&layout.train_dir).pop();
+    let mut latest = checkpoint::list(&layout.train_dir).pop();
+    let mut replaced = Vec::new();
     if let Some((_, dir)) = &latest {
         let state = checkpoint::read_state(dir)?;
         let diffs = checkpoint::fingerprint_diff(&state.fingerprint, &fp);
         if !diffs.is_empty() {
-            return Err(TrainError::Mismatch { checkpoint: dir.clone(), diffs });
+            if state.step < state.total_steps {
+                // An unfinished run: resuming it with other settings would mix two trainings, and
+                // starting over would throw its work away; the user decides.
+                return Err(TrainError::Mismatch { checkpoint: dir.clone(), diffs });
+            }
+            // A finished run of an older recipe: its adapter is superseded, as `retort run` expects
+            // when a recipe field changes. Its checkpoints go; the report says what changed.
+            discard(&layout)?;
+            latest = None;
+            replaced = diffs.iter().map(|(k, a, b)| format!("{k}: {a} then, {b} now")).collect();
         }
     }
 
@@ -823,6 +836,7 @@ pub fn run(
         train_data: data.train_report,
         val_data: data.val_report,
         fingerprint: fp,
+        replaced_finished_run: replaced,
     };
     let svg = crate::plot::loss_svg(&history.loss, &history.val, &recipe.project.name);
     let svg_path = layout.train_dir.join("loss.svg");

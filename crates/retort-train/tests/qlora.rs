@@ -36,7 +36,8 @@ fn dequantized(dir: &Path, device: &Device, double: bool) -> Transformer {
     dense.map_linears(&mut |site, lin| {
         let view = ckpt.get(&format!("{}.weight", site.path)).unwrap();
         let q = quantize_tensor(&view, 64, double).unwrap();
-        let w = Tensor::<2>::from_data(TensorData::new(q.dequantize(), q.shape().to_vec()), (device, DType::F32));
+        let w =
+            Tensor::<2>::from_data(TensorData::new(q.dequantize(), q.shape().to_vec()), (device, DType::F32));
         Linear::new(w, lin.bias.map(|b| b.val()))
     })
 }
@@ -45,8 +46,11 @@ fn rows() -> Vec<(Vec<u32>, Vec<i64>)> {
     (0..3u32)
         .map(|r| {
             let ids: Vec<u32> = (0..12).map(|i| (r * 37 + i * 11 + 3) % 256).collect();
-            let labels =
-                ids.iter().enumerate().map(|(i, &t)| if i >= 3 + r as usize { i64::from(t) } else { -100 }).collect();
+            let labels = ids
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| if i >= 3 + r as usize { i64::from(t) } else { -100 })
+                .collect();
             (ids, labels)
         })
         .collect()
@@ -77,7 +81,13 @@ fn opt() -> AdamW {
 }
 
 fn attach(m: Transformer, variant: Variant) -> Transformer {
-    let spec = retort_lora::AdapterSpec { r: 4, alpha: 8.0, dropout: 0.1, targets: vec![Target::AllLinear], variant };
+    let spec = retort_lora::AdapterSpec {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.1,
+        targets: vec![Target::AllLinear],
+        variant,
+    };
     retort_lora::attach(m, &spec, 3).unwrap()
 }
 

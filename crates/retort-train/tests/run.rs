@@ -181,7 +181,10 @@ fn a_run_learns_and_writes_a_peft_adapter_where_eval_and_export_read_it() {
     // One metrics line per step plus one per validation; the report and the plot exist.
     let m = metrics(&p);
     assert_eq!(m.iter().filter(|v| v.get("loss").is_some()).count(), 16);
-    assert_eq!(m.iter().filter(|v| v.get("val_loss").is_some()).count(), 4, "steps 4, 8, 12, 16");
+    assert_eq!(m.iter().filter(|v| v.get("val_loss").is_some()).count(), 5, "steps 0, 4, 8, 12, 16");
+    // Step 0 is the untrained adapter's (the base's) validation loss; training lowered it.
+    assert_eq!(m.iter().find(|v| v.get("val_loss").is_some()).unwrap()["step"], 0);
+    assert!(report.first_val_loss.unwrap() > report.val_loss.unwrap());
     assert!(p.root.join("out/train/report.json").is_file());
     assert!(std::fs::read_to_string(p.root.join("out/train/loss.svg")).unwrap().contains("<path"));
     // The learning rate followed warmup then cosine decay.
@@ -272,7 +275,9 @@ fn bad_data_is_reported_with_file_and_line() {
 fn nf4_project(extra: &str) -> Project {
     let p = project(extra);
     let path = p.root.join("recipe.toml");
-    let text = std::fs::read_to_string(&path).unwrap().replace("dtype = \"f32\"\n", "dtype = \"f32\"\nquantize = \"nf4\"\n");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("dtype = \"f32\"\n", "dtype = \"f32\"\nquantize = \"nf4\"\n");
     std::fs::write(&path, text).unwrap();
     p
 }
@@ -287,7 +292,8 @@ fn qlora_learns_and_resumes_to_the_same_bits() {
     let (first, last) = (report.first_loss.unwrap(), report.final_loss.unwrap());
     assert!(last < first * 0.8, "loss fell from {first} only to {last}");
     // The adapter loads onto the NF4 base.
-    let (base, _) = retort_lora::qlora::load_quantized(&whole.base, Precision::F32, &Device::flex(), true).unwrap();
+    let (base, _) =
+        retort_lora::qlora::load_quantized(&whole.base, Precision::F32, &Device::flex(), true).unwrap();
     retort_lora::load_adapter(base, &whole.root.join("out/adapter")).unwrap();
 
     // Stopped at step 5 and resumed: the base is re-quantized to the same bits, so the run ends where
@@ -298,7 +304,9 @@ fn qlora_learns_and_resumes_to_the_same_bits() {
     let out = retort_train::run(&recipe(&parts), &setup(&parts, false), &progress, &stop).unwrap();
     assert!(matches!(out, Outcome::Stopped { step: 5, .. }));
     let Outcome::Finished(_) = run(&parts, false).unwrap() else { panic!("not finished") };
-    let losses = |p: &Project| -> Vec<String> { metrics(p).iter().map(|v| format!("{}|{}", v["loss"], v["val_loss"])).collect() };
+    let losses = |p: &Project| -> Vec<String> {
+        metrics(p).iter().map(|v| format!("{}|{}", v["loss"], v["val_loss"])).collect()
+    };
     assert_eq!(losses(&whole), losses(&parts));
     assert!(adapter_bytes(&whole) == adapter_bytes(&parts), "resumed adapter differs");
 

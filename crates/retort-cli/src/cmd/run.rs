@@ -87,10 +87,10 @@ pub fn run(ui: &Ui, file: &Path, opts: Options) -> anyhow::Result<Exit> {
         &recipe.project.output_dir.join(".run"),
         &format!("retort run {}", file.display()),
     )
-        .map_err(|e| {
-            CliError::input(e.to_string())
-                .hint("wait for the other run to finish; a lock left by a killed run is taken over automatically")
-        })?;
+    .map_err(|e| {
+        CliError::input(e.to_string())
+            .hint("wait for the other run to finish; a lock left by a killed run is taken over automatically")
+    })?;
     let mut record = Vec::new();
     let mut exit = Exit::Ok;
     for stage in [Stage::Distill, Stage::Train, Stage::Eval, Stage::Export] {
@@ -111,13 +111,15 @@ pub fn run(ui: &Ui, file: &Path, opts: Options) -> anyhow::Result<Exit> {
                 &format!("`--max-time` reached before {}; the work so far is saved", stage.name()),
                 Some("run the same command again to continue"),
             );
-            record.push(serde_json::json!({"stage": stage.name(), "decision": "not started", "why": "max_time"}));
+            record.push(
+                serde_json::json!({"stage": stage.name(), "decision": "not started", "why": "max_time"}),
+            );
             exit = Exit::Limit;
             break;
         }
         ui.status("stage", stage.name());
         let t = Instant::now();
-        ui.skipped.set(false);
+        crate::ui::take_up_to_date();
         let result = match stage {
             Stage::Distill => crate::cmd::distill::run(ui, file, false),
             Stage::Train => crate::cmd::train::run(ui, file, force, false, deadline),
@@ -148,7 +150,7 @@ pub fn run(ui: &Ui, file: &Path, opts: Options) -> anyhow::Result<Exit> {
             }
         };
         let seconds = t.elapsed().as_secs_f64();
-        let decision = if ui.skipped.get() { "up to date" } else { "ran" };
+        let decision = if crate::ui::take_up_to_date() { "up to date" } else { "ran" };
         let code = match &result {
             Ok(e) => *e,
             Err(_) => Exit::BadInput,
@@ -190,15 +192,43 @@ fn write_record(
     exit: Option<Exit>,
 ) {
     let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let data = &recipe.project.data_dir;
+    let out = &recipe.project.output_dir;
+    // What the run consumed and produced, by content, so two runs can be compared file by file.
+    let mut hashes = serde_json::Map::new();
+    for (name, path) in [
+        ("recipe", file.to_path_buf()),
+        ("train.jsonl", data.join("train.jsonl")),
+        ("val.jsonl", data.join("val.jsonl")),
+        ("test.jsonl", data.join("test.jsonl")),
+        ("adapter_model.safetensors", out.join("adapter").join("adapter_model.safetensors")),
+        ("eval/report.json", out.join("eval").join("report.json")),
+    ] {
+        if let Ok(bytes) = std::fs::read(&path) {
+            let h: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+            hashes.insert(name.to_string(), serde_json::Value::String(h));
+        }
+    }
+    let distill: Option<serde_json::Value> =
+        std::fs::read(data.join("distill.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let costs = distill.map(|d| {
+        serde_json::json!({
+            "teacher_usd_total": d["cost_usd"]["total"],
+            "teacher_usd_last_distill": d["cost_usd"]["this_run"],
+            "teacher_requests_last_distill": d["requests"]["sent"],
+        })
+    });
     let v = serde_json::json!({
         "retort": env!("CARGO_PKG_VERSION"),
         "recipe": file.display().to_string(),
         "git_commit": git_commit(dir),
+        "hashes": hashes,
+        "costs": costs,
         "stages": stages,
         "exit": exit.map(Exit::code),
         "seconds": started.elapsed().as_secs_f64(),
     });
-    let out = recipe.project.output_dir.join("run.json");
+    let out = out.join("run.json");
     let _ = std::fs::create_dir_all(&recipe.project.output_dir);
     if let Err(e) = retort_io::write_atomic(&out, &serde_json::to_vec_pretty(&v).unwrap_or_default(), true) {
         tracing::warn!(path = %out.display(), error = %e, "cannot write run.json");

@@ -91,11 +91,26 @@ pub fn run(
         precision,
         fresh,
     };
+    if !fresh
+        && !layout.train_dir.join("report.json").is_file()
+        && let Some((step, dir)) = retort_train::checkpoint::list(&layout.train_dir).pop()
+    {
+        ui.status("resuming", &format!("from step {step} ({})", dir.display()));
+    }
     let progress = CliProgress::new(ui);
     match retort_train::run(&recipe, &setup, &progress, &stop) {
         Ok(Outcome::Finished(r)) => {
             if ui.json {
                 ui.stdout_line(&serde_json::to_string(&r)?);
+            }
+            if !r.replaced_finished_run.is_empty() {
+                ui.status(
+                    "retrained",
+                    &format!(
+                        "the recipe changed since the last finished run ({}), so it trained from scratch",
+                        r.replaced_finished_run.join("; ")
+                    ),
+                );
             }
             ui.status(
                 "trained",
