@@ -12,6 +12,10 @@ use crate::nf4::Nf4Weight;
 
 /// A frozen weight `[out, in]`: dense, or NF4 dequantized on use.
 #[derive(Module, Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per projection (a few hundred per model); tensor handles, not data, make up the size"
+)]
 pub enum Weight {
     /// In the model's dtype.
     Dense(Param<Tensor<2>>),
