@@ -160,6 +160,9 @@ pub fn html(r: &Report, loss_svg: Option<&str>) -> String {
         let _ = write!(s, r#"<td class="num">{tps}</td></tr>"#);
     }
     s.push_str("</table>");
+    if let Some(j) = &r.judge {
+        let _ = write!(s, "<p>{}</p>", esc(&crate::report::judge_line(j)));
+    }
     if let Some(g) = &r.gate {
         let (class, verdict) = if g.passed { ("ok", "passed") } else { ("bad", "FAILED") };
         let _ = write!(s, r#"<h2>Gate: <span class="{class}">{verdict}</span></h2><ul>"#);
@@ -285,6 +288,7 @@ mod tests {
             fingerprint: String::new(),
             gate: None,
             serving: None,
+            judge: None,
         }
     }
 

@@ -8,6 +8,7 @@
 //! cache, from the prompt the chat template renders for the conversation before its last assistant turn.
 
 pub mod html;
+pub mod judge;
 pub mod metrics;
 pub mod report;
 
@@ -54,6 +55,14 @@ pub enum EvalError {
     /// Input that cannot be evaluated.
     #[error("{0}")]
     Input(String),
+    /// The LLM judge could not be asked (key, network, budget, journal).
+    #[error("judge_win_rate: {message}")]
+    Judge {
+        /// What failed.
+        message: String,
+        /// How to fix it.
+        hint: String,
+    },
     /// A file could not be written or read.
     #[error("`{}`: {source}", path.display())]
     Io {
@@ -75,13 +84,14 @@ impl EvalError {
             EvalError::Io { .. } => {
                 "check that the output directory is writable and the disk is not full".into()
             }
+            EvalError::Judge { hint, .. } if !hint.is_empty() => hint.clone(),
             _ => "see `retort recipe docs` for `[eval]`".into(),
         }
     }
 
     /// True when the error is in the input, not the machine.
     pub fn is_input(&self) -> bool {
-        !matches!(self, EvalError::Io { .. })
+        !matches!(self, EvalError::Io { .. } | EvalError::Judge { .. })
     }
 }
 
@@ -238,6 +248,9 @@ pub struct Report {
     /// Throughput and cost per 1,000 requests, when the tuned model was evaluated.
     #[serde(default)]
     pub serving: Option<Serving>,
+    /// The LLM judge's bill, when `judge_win_rate` was asked for.
+    #[serde(default)]
+    pub judge: Option<judge::JudgeStats>,
 }
 
 impl Report {
@@ -460,11 +473,8 @@ pub fn score(
             Metric::RougeL => Some(per_example(&metrics::rouge_l)),
             Metric::Chrf => Some(per_example(&metrics::chrf)),
             Metric::MacroF1 => None,
-            Metric::JudgeWinRate => {
-                return Err(EvalError::Input(
-                    "`judge_win_rate` is not built yet; use the other metrics for now".into(),
-                ));
-            }
+            // Asked of the judge for the tuned model only; see `judge`.
+            Metric::JudgeWinRate => continue,
         };
         let seed = seed ^ (k as u64).wrapping_mul(0x9e37_79b9);
         let n = examples.len();
@@ -492,9 +502,44 @@ pub fn score(
     Ok(out)
 }
 
-/// Evaluates and writes `eval/report.json` and `eval/report.md`. The gate is checked and recorded,
-/// not enforced: the caller decides the exit code.
-pub fn run(recipe: &Recipe, setup: &Setup, progress: &dyn Progress) -> Result<Report, EvalError> {
+/// The judge's win rates of the tuned answers over the teacher's references, bootstrapped.
+fn judge_score(
+    recipe: &Recipe,
+    examples: &[Example],
+    tuned: &[String],
+    judge_key: Option<String>,
+    k: usize,
+) -> Result<(Score, judge::JudgeStats), EvalError> {
+    let (Some(teacher), Some(j)) = (&recipe.teacher, &recipe.eval.judge) else {
+        return Err(EvalError::Input(
+            "`judge_win_rate` needs `[teacher]` (the judge's client) and `[eval.judge]` with a `rubric`"
+                .into(),
+        ));
+    };
+    let system = recipe.distill.as_ref().map_or("", |d| d.system_prompt.as_str());
+    let pairs: Vec<judge::Pair<'_>> = examples
+        .iter()
+        .zip(tuned)
+        .map(|(e, t)| judge::Pair { input: &e.input, teacher: &e.reference, tuned: t })
+        .collect();
+    let journal = recipe.project.data_dir.join(retort_distill::JOURNAL);
+    let (v, stats) = judge::win_rates(teacher, j, system, &pairs, &journal, judge_key, Default::default())?;
+    let mean = |idx: &[usize]| idx.iter().map(|&i| v[i]).sum::<f64>() / idx.len().max(1) as f64;
+    let all: Vec<usize> = (0..v.len()).collect();
+    let seed = recipe.project.seed ^ (k as u64).wrapping_mul(0x9e37_79b9);
+    let (low, high) = metrics::bootstrap(v.len(), recipe.eval.bootstrap, seed, &mean);
+    Ok((Score { value: mean(&all), low, high }, stats))
+}
+
+/// Evaluates and writes `eval/report.json`, `report.md` and `report.html`. The gate is checked and
+/// recorded, not enforced: the caller decides the exit code. `judge_key` is the value of the
+/// teacher's `api_key_env`, for `judge_win_rate`.
+pub fn run(
+    recipe: &Recipe,
+    setup: &Setup,
+    progress: &dyn Progress,
+    judge_key: Option<String>,
+) -> Result<Report, EvalError> {
     let fp = fingerprint(recipe, setup)?;
     let test_file = recipe.project.data_dir.join("test.jsonl");
     let (mut convs, _) = retort_data::read_jsonl(&test_file, recipe.train.data_format, OnBadRow::Fail)?;
@@ -540,6 +585,7 @@ pub fn run(recipe: &Recipe, setup: &Setup, progress: &dyn Progress) -> Result<Re
     let seed = recipe.project.seed;
     let resamples = recipe.eval.bootstrap;
     let mut models = Vec::new();
+    let mut judge_stats = None;
     let needs_model = compare.iter().any(|c| matches!(c, Compare::Base | Compare::Tuned));
     if needs_model {
         let (mut model, _) = Transformer::load(&setup.base_dir, setup.precision, &setup.device)?;
@@ -553,7 +599,16 @@ pub fn run(recipe: &Recipe, setup: &Setup, progress: &dyn Progress) -> Result<Re
             let (tuned, _) = retort_lora::load_adapter(model, &recipe.project.output_dir.join("adapter"))?;
             model = tuned;
             let g = answers(&model, &tok, &p.ids, recipe, progress, "tuned")?;
-            let scores = score(&metrics, &g.answers, &p.examples, &labels, schema.as_ref(), resamples, seed)?;
+            let mut scores =
+                score(&metrics, &g.answers, &p.examples, &labels, schema.as_ref(), resamples, seed)?;
+            if let Some(k) = metrics.iter().position(|m| *m == Metric::JudgeWinRate) {
+                let task = progress.task("judge", p.examples.len() as u64);
+                let (s, stats) = judge_score(recipe, &p.examples, &g.answers, judge_key.clone(), k)?;
+                task.inc(p.examples.len() as u64);
+                task.finish();
+                scores.insert(Metric::JudgeWinRate.as_str().to_string(), s);
+                judge_stats = Some(stats);
+            }
             models.push(g.result("tuned", scores));
         }
     }
@@ -587,6 +642,7 @@ pub fn run(recipe: &Recipe, setup: &Setup, progress: &dyn Progress) -> Result<Re
         fingerprint: fp,
         gate: None,
         serving: None,
+        judge: judge_stats,
     };
     r.serving = r.model("tuned").map(|t| Serving::of(t, recipe, &setup.device_name));
     r.gate = Some(gate(&r, &recipe.eval.gate)?);

@@ -137,6 +137,15 @@ pub fn serving_lines(r: &Report, v: &crate::Serving) -> Vec<String> {
     out
 }
 
+/// One sentence on the judge's work, shared by the Markdown and HTML reports.
+pub fn judge_line(j: &crate::judge::JudgeStats) -> String {
+    format!(
+        "`judge_win_rate`: `{}` judged each differing pair in both orders ({} verdicts, {} from the journal at \
+         no cost, {} unreadable and counted as ties); equal answers score 0.5 unasked.",
+        j.model, j.verdicts, j.cached, j.unreadable
+    )
+}
+
 fn md_cell(s: &str, max: usize) -> String {
     let one: String = s.split_whitespace().collect::<Vec<_>>().join(" ").replace('|', "\\|");
     if one.chars().count() > max { format!("{}…", one.chars().take(max).collect::<String>()) } else { one }
@@ -174,6 +183,9 @@ pub fn markdown(r: &Report) -> String {
         }
         let tps = if m.tokens_per_s > 0.0 { format!("{:.1}", m.tokens_per_s) } else { "-".into() };
         let _ = writeln!(s, " {tps} |");
+    }
+    if let Some(j) = &r.judge {
+        let _ = writeln!(s, "\n{}", judge_line(j));
     }
     if let Some(v) = &r.serving {
         let _ = writeln!(s, "\n## Serving\n");

@@ -38,7 +38,14 @@ pub fn run(ui: &Ui, file: &Path, force: bool) -> anyhow::Result<Exit> {
                 .map_err(|e| CliError::input(e.to_string()).hint("wait for the other run to finish"))?;
             ui.status("evaluating", &format!("{} on {} in {precision:?}", file.display(), dev.name));
             let progress = CliProgress::new(ui);
-            retort_eval::run(&recipe, &setup, &progress).map_err(|e| eval_error(&e))?
+            // The judge's key (for `judge_win_rate`) comes from the variable the recipe names, and goes
+            // nowhere but the client.
+            let judge_key = recipe
+                .teacher
+                .as_ref()
+                .and_then(|t| t.api_key_env.as_ref())
+                .and_then(|env| std::env::var(env).ok());
+            retort_eval::run(&recipe, &setup, &progress, judge_key).map_err(|e| eval_error(&e))?
         }
     };
     print(ui, &report);
