@@ -5,8 +5,8 @@
 
 use std::fmt::Write as _;
 
+use crate::Report;
 use crate::report::serving_lines;
-use crate::{Report, metrics};
 
 /// Escapes text for HTML element content and attribute values.
 pub fn esc(s: &str) -> String {
@@ -90,24 +90,7 @@ fn score_chart(r: &Report) -> String {
 
 /// Rows: the teacher's label; columns: the tuned model's (and "(other)" for no label), shaded by count.
 fn confusion(r: &Report) -> Option<String> {
-    let t = r.model("tuned")?;
-    if r.labels.is_empty() {
-        return None;
-    }
-    let mut cols = r.labels.clone();
-    cols.push("(other)".into());
-    let mut counts = vec![vec![0usize; cols.len()]; r.labels.len()];
-    for (a, e) in t.answers.iter().zip(&r.examples) {
-        let Some(i) =
-            metrics::label_of(&e.reference, &r.labels).and_then(|l| r.labels.iter().position(|x| x == l))
-        else {
-            continue;
-        };
-        let j = metrics::label_of(a, &r.labels)
-            .and_then(|l| r.labels.iter().position(|x| x == l))
-            .unwrap_or(cols.len() - 1);
-        counts[i][j] += 1;
-    }
+    let (cols, counts) = crate::report::confusion(r)?;
     let max = counts.iter().flatten().copied().max().unwrap_or(0).max(1);
     let mut s = String::from("<table><tr><th>teacher \\ tuned</th>");
     for c in &cols {
@@ -200,17 +183,7 @@ pub fn html(r: &Report, loss_svg: Option<&str>) -> String {
         let _ = write!(s, "<h2>Training loss</h2>{svg}");
     }
     if let Some(t) = r.model("tuned") {
-        let mut idx: Vec<(f64, usize)> = t
-            .answers
-            .iter()
-            .zip(&r.examples)
-            .enumerate()
-            .map(|(i, (a, e))| {
-                (metrics::normalized_exact_match(a, &e.reference) + metrics::chrf(a, &e.reference), i)
-            })
-            .filter(|(v, _)| *v < 2.0)
-            .collect();
-        idx.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let idx = crate::report::worst(r, t, 20);
         if !idx.is_empty() {
             let base = r.model("base");
             s.push_str("<h2>Worst examples (tuned)</h2><table class=\"ex\"><tr><th>line</th><th>input</th><th>teacher</th><th>tuned</th>");
@@ -218,18 +191,18 @@ pub fn html(r: &Report, loss_svg: Option<&str>) -> String {
                 s.push_str("<th>base</th>");
             }
             s.push_str("</tr>");
-            for (_, i) in idx.iter().take(20) {
-                let e = &r.examples[*i];
+            for &i in &idx {
+                let e = &r.examples[i];
                 let _ = write!(
                     s,
                     "<tr><td class=\"num\">{}</td><td>{}</td><td>{}</td><td>{}</td>",
                     e.line,
                     esc(&e.input),
                     esc(&e.reference),
-                    esc(&t.answers[*i])
+                    esc(&t.answers[i])
                 );
                 if let Some(b) = base {
-                    let _ = write!(s, "<td>{}</td>", esc(&b.answers[*i]));
+                    let _ = write!(s, "<td>{}</td>", esc(&b.answers[i]));
                 }
                 s.push_str("</tr>");
             }

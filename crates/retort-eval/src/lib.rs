@@ -449,6 +449,19 @@ impl Generated {
     }
 }
 
+/// The bootstrap seed of the `k`-th metric, so each metric resamples independently of the others.
+fn metric_seed(seed: u64, k: usize) -> u64 {
+    seed ^ (k as u64).wrapping_mul(0x9e37_79b9)
+}
+
+/// The mean of per-example values with its bootstrapped 95% interval.
+fn mean_score(v: &[f64], resamples: u32, seed: u64) -> Score {
+    let mean = |idx: &[usize]| idx.iter().map(|&i| v[i]).sum::<f64>() / idx.len().max(1) as f64;
+    let all: Vec<usize> = (0..v.len()).collect();
+    let (low, high) = metrics::bootstrap(v.len(), resamples, seed, &mean);
+    Score { value: mean(&all), low, high }
+}
+
 /// Scores `answers` against the examples' references.
 pub fn score(
     metrics: &[Metric],
@@ -476,15 +489,10 @@ pub fn score(
             // Asked of the judge for the tuned model only; see `judge`.
             Metric::JudgeWinRate => continue,
         };
-        let seed = seed ^ (k as u64).wrapping_mul(0x9e37_79b9);
+        let seed = metric_seed(seed, k);
         let n = examples.len();
         let s = match values {
-            Some(v) => {
-                let mean = |idx: &[usize]| idx.iter().map(|&i| v[i]).sum::<f64>() / idx.len().max(1) as f64;
-                let all: Vec<usize> = (0..n).collect();
-                let (low, high) = metrics::bootstrap(n, resamples, seed, &mean);
-                Score { value: mean(&all), low, high }
-            }
+            Some(v) => mean_score(&v, resamples, seed),
             None => {
                 let pairs: Vec<(Option<&str>, Option<&str>)> = answers
                     .iter()
@@ -524,11 +532,7 @@ fn judge_score(
         .collect();
     let journal = recipe.project.data_dir.join(retort_distill::JOURNAL);
     let (v, stats) = judge::win_rates(teacher, j, system, &pairs, &journal, judge_key, Default::default())?;
-    let mean = |idx: &[usize]| idx.iter().map(|&i| v[i]).sum::<f64>() / idx.len().max(1) as f64;
-    let all: Vec<usize> = (0..v.len()).collect();
-    let seed = recipe.project.seed ^ (k as u64).wrapping_mul(0x9e37_79b9);
-    let (low, high) = metrics::bootstrap(v.len(), recipe.eval.bootstrap, seed, &mean);
-    Ok((Score { value: mean(&all), low, high }, stats))
+    Ok((mean_score(&v, recipe.eval.bootstrap, metric_seed(recipe.project.seed, k)), stats))
 }
 
 /// Evaluates and writes `eval/report.json`, `report.md` and `report.html`. The gate is checked and

@@ -137,6 +137,43 @@ pub fn serving_lines(r: &Report, v: &crate::Serving) -> Vec<String> {
     out
 }
 
+/// The tuned model's confusion matrix for label outputs: the columns (the labels, then `(other)` for an
+/// answer that is no label) and one row of counts per label of the teacher's.
+pub fn confusion(r: &Report) -> Option<(Vec<String>, Vec<Vec<usize>>)> {
+    let t = r.model("tuned")?;
+    if r.labels.is_empty() {
+        return None;
+    }
+    let mut cols = r.labels.clone();
+    cols.push("(other)".into());
+    let index =
+        |text: &str| metrics::label_of(text, &r.labels).and_then(|l| r.labels.iter().position(|x| x == l));
+    let mut counts = vec![vec![0usize; cols.len()]; r.labels.len()];
+    for (a, e) in t.answers.iter().zip(&r.examples) {
+        if let Some(i) = index(&e.reference) {
+            counts[i][index(a).unwrap_or(cols.len() - 1)] += 1;
+        }
+    }
+    Some((cols, counts))
+}
+
+/// Indices of `t`'s at most `n` worst answers, worst first: by normalised exact match plus chrF against
+/// the reference, so near misses rank above nonsense; exact answers are left out.
+pub fn worst(r: &Report, t: &crate::ModelResult, n: usize) -> Vec<usize> {
+    let mut idx: Vec<(f64, usize)> = t
+        .answers
+        .iter()
+        .zip(&r.examples)
+        .enumerate()
+        .map(|(i, (a, e))| {
+            (metrics::normalized_exact_match(a, &e.reference) + metrics::chrf(a, &e.reference), i)
+        })
+        .filter(|(v, _)| *v < 2.0)
+        .collect();
+    idx.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    idx.into_iter().take(n).map(|(_, i)| i).collect()
+}
+
 /// One sentence on the judge's work, shared by the Markdown and HTML reports.
 pub fn judge_line(j: &crate::judge::JudgeStats) -> String {
     format!(
@@ -202,41 +239,17 @@ pub fn markdown(r: &Report) -> String {
             let _ = writeln!(s, "- {} `{}`: {}", if c.passed { "ok" } else { "FAILED" }, c.name, c.message);
         }
     }
-    if !r.labels.is_empty()
-        && let Some(t) = r.model("tuned")
-    {
+    if let Some((cols, counts)) = confusion(r) {
         let _ = writeln!(s, "\n## Confusion matrix (tuned; rows: teacher, columns: tuned)\n");
-        let mut cols = r.labels.clone();
-        cols.push("(other)".into());
         let _ = writeln!(s, "| teacher \\ tuned | {} |", cols.join(" | "));
         let _ = writeln!(s, "|---|{}", "---|".repeat(cols.len()));
-        for row in &r.labels {
-            let mut counts = vec![0usize; cols.len()];
-            for (a, e) in t.answers.iter().zip(&r.examples) {
-                if metrics::label_of(&e.reference, &r.labels) == Some(row.as_str()) {
-                    let j = metrics::label_of(a, &r.labels)
-                        .and_then(|l| r.labels.iter().position(|x| x == l))
-                        .unwrap_or(cols.len() - 1);
-                    counts[j] += 1;
-                }
-            }
+        for (row, counts) in r.labels.iter().zip(&counts) {
             let cells: Vec<String> = counts.iter().map(ToString::to_string).collect();
             let _ = writeln!(s, "| {row} | {} |", cells.join(" | "));
         }
     }
     if let Some(t) = r.model("tuned") {
-        // Worst by normalized similarity to the reference (chrF), so near misses rank above nonsense.
-        let mut idx: Vec<(f64, usize)> = t
-            .answers
-            .iter()
-            .zip(&r.examples)
-            .enumerate()
-            .map(|(i, (a, e))| {
-                (metrics::normalized_exact_match(a, &e.reference) + metrics::chrf(a, &e.reference), i)
-            })
-            .filter(|(v, _)| *v < 2.0)
-            .collect();
-        idx.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let idx = worst(r, t, 20);
         if !idx.is_empty() {
             let _ = writeln!(s, "\n## Worst examples (tuned)\n");
             let base = r.model("base");
@@ -246,18 +259,18 @@ pub fn markdown(r: &Report) -> String {
                 if base.is_some() { " base |" } else { "" }
             );
             let _ = writeln!(s, "|---|---|---|---|{}", if base.is_some() { "---|" } else { "" });
-            for (_, i) in idx.iter().take(20) {
-                let e = &r.examples[*i];
+            for &i in &idx {
+                let e = &r.examples[i];
                 let _ = write!(
                     s,
                     "| {} | {} | {} | {} |",
                     e.line,
                     md_cell(&e.input, 80),
                     md_cell(&e.reference, 60),
-                    md_cell(&t.answers[*i], 60)
+                    md_cell(&t.answers[i], 60)
                 );
                 if let Some(b) = base {
-                    let _ = write!(s, " {} |", md_cell(&b.answers[*i], 60));
+                    let _ = write!(s, " {} |", md_cell(&b.answers[i], 60));
                 }
                 let _ = writeln!(s);
             }
