@@ -17,17 +17,9 @@ use retort_train::{AdamW, AdamWConfig, MicroBatch, train_step};
 
 fn micro(rows: usize, len: usize, vocab: u32) -> MicroBatch {
     let ids: Vec<u32> = (0..(rows * len) as u32).map(|i| (i * 7919 + 13) % vocab).collect();
-    MicroBatch {
-        labels: ids.iter().map(|&t| i64::from(t)).collect(),
-        batch: Batch {
-            rows,
-            len,
-            ids,
-            positions: (0..rows).flat_map(|_| 0..len).collect(),
-            valid: vec![true; rows * len],
-            segments: vec![0; rows * len],
-        },
-    }
+    // Equal-length rows: nothing is padded, positions run 0..len in every row.
+    let seqs: Vec<Vec<u32>> = ids.chunks(len).map(<[u32]>::to_vec).collect();
+    MicroBatch { labels: ids.iter().map(|&t| i64::from(t)).collect(), batch: Batch::left_padded(&seqs, 0) }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

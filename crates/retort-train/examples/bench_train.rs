@@ -45,17 +45,9 @@ fn micro_batch(path: &Path) -> Result<MicroBatch, Box<dyn std::error::Error>> {
     if rows.is_empty() || rows.iter().any(|r| r.len() != len) {
         return Err("batch: `ids` must be equal-length rows".into());
     }
-    let ids: Vec<u32> = rows.concat();
-    let n = ids.len();
-    let batch = Batch {
-        rows: rows.len(),
-        len,
-        ids: ids.clone(),
-        positions: (0..rows.len()).flat_map(|_| 0..len).collect(),
-        valid: vec![true; n],
-        segments: vec![0; n],
-    };
-    Ok(MicroBatch { batch, labels: ids.iter().map(|&x| i64::from(x)).collect() })
+    // Equal-length rows: nothing is padded, positions run 0..len in every row.
+    let batch = Batch::left_padded(&rows, 0);
+    Ok(MicroBatch { labels: batch.ids.iter().map(|&x| i64::from(x)).collect(), batch })
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -58,18 +58,9 @@ fn rows() -> Vec<(Vec<u32>, Vec<i64>)> {
 
 fn micro() -> MicroBatch {
     let rows = rows();
-    let len = rows[0].0.len();
-    MicroBatch {
-        batch: Batch {
-            rows: rows.len(),
-            len,
-            ids: rows.iter().flat_map(|r| r.0.clone()).collect(),
-            positions: rows.iter().flat_map(|_| 0..len).collect(),
-            valid: vec![true; rows.len() * len],
-            segments: vec![0; rows.len() * len],
-        },
-        labels: rows.iter().flat_map(|r| r.1.clone()).collect(),
-    }
+    // Equal-length rows: nothing is padded, positions run 0..len in every row.
+    let ids: Vec<Vec<u32>> = rows.iter().map(|r| r.0.clone()).collect();
+    MicroBatch { batch: Batch::left_padded(&ids, 0), labels: rows.iter().flat_map(|r| r.1.clone()).collect() }
 }
 
 fn logits(m: &Transformer) -> Vec<f32> {
