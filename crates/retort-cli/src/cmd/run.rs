@@ -54,7 +54,11 @@ fn export_fingerprint(recipe: &retort_recipe::Recipe) -> Option<String> {
     h.update(recipe.base.revision.as_bytes());
     h.update(serde_json::to_vec(&recipe.export).ok()?);
     h.update(recipe.project.name.as_bytes());
-    Some(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Some(hex(&h.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn git_commit(dir: &Path) -> Option<String> {
@@ -205,8 +209,7 @@ fn write_record(
         ("eval/report.json", out.join("eval").join("report.json")),
     ] {
         if let Ok(bytes) = std::fs::read(&path) {
-            let h: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
-            hashes.insert(name.to_string(), serde_json::Value::String(h));
+            hashes.insert(name.to_string(), serde_json::Value::String(hex(&Sha256::digest(&bytes))));
         }
     }
     let distill: Option<serde_json::Value> =
