@@ -108,6 +108,16 @@ pub enum ExportError {
         /// What is wrong, with the byte offset where it helps.
         problem: String,
     },
+    /// A GGUF file does not hold the model it is read as (another architecture, missing tensors).
+    #[error("`{}` does not hold this model: {problem}", path.display())]
+    GgufMismatch {
+        /// The file.
+        path: PathBuf,
+        /// What does not fit.
+        problem: String,
+        /// How to fix it.
+        hint: String,
+    },
     /// A tensor holds NaN or infinite values.
     #[error("tensor `{tensor}` has {count} non-finite values (NaN or infinity){}", source_hint(.origin))]
     NonFinite {
@@ -179,7 +189,9 @@ impl ExportError {
             ExportError::BaseIncomplete { .. } => {
                 Some("the checkpoint is truncated or belongs to another model; download it again".into())
             }
-            ExportError::Adapter { hint, .. } | ExportError::Unsupported { hint, .. } => Some(hint.clone()),
+            ExportError::Adapter { hint, .. }
+            | ExportError::Unsupported { hint, .. }
+            | ExportError::GgufMismatch { hint, .. } => Some(hint.clone()),
             ExportError::AdapterShape { trained_on, .. } | ExportError::AdapterModule { trained_on, .. } => {
                 Some(match trained_on {
                     Some(b) => format!(

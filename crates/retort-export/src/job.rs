@@ -35,6 +35,22 @@ pub enum Format {
     Ollama,
 }
 
+/// A model name made usable in file names and by Ollama: lowercase letters, digits, `-`, `_`, `.`.
+pub fn file_stem(name: &str) -> String {
+    let s: String = name
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
+        .collect();
+    let s = s.trim_matches(|c| c == '-' || c == '.').to_string();
+    if s.is_empty() { "model".into() } else { s }
+}
+
+/// The file name of the GGUF model `name` (a [`file_stem`]) of file type `ft`.
+pub fn gguf_file_name(name: &str, ft: FileType) -> String {
+    format!("{name}-{}.gguf", ft.name())
+}
+
 /// The names `Format::parse` accepts, for messages.
 pub const FORMAT_NAMES: &str = "merged, adapter, gguf:TYPE, gguf-adapter, ollama";
 
@@ -226,7 +242,7 @@ pub fn run_with(
             }
             Format::Gguf(ft) => {
                 let Some(tok) = &tokenizer else { continue };
-                let path = job.out.join(format!("{}-{}.gguf", job.name, ft.name()));
+                let path = job.out.join(gguf_file_name(&job.name, *ft));
                 let plan = convert::plan(&model, tok, *ft, &job.name, &raw_config, generation.as_ref())?;
                 let header = plan.header.clone();
                 let task = progress.task(&format.label(), plan.sources.len() as u64);
@@ -278,7 +294,7 @@ pub fn run_with(
                     report.notes.push("Modelfile: the chat template is not one retort translates (Llama 3, ChatML, Gemma, Phi-3, Mistral); no TEMPLATE line, so Ollama uses the template embedded in the GGUF".into());
                 }
                 let stops = ollama::stops(family, tok, &model.cfg.eos_token_ids);
-                let from = format!("./{}-{}.gguf", job.name, ft.name());
+                let from = format!("./{}", gguf_file_name(&job.name, *ft));
                 let text =
                     ollama::modelfile(&from, family, &stops, job.system.as_deref()).map_err(|reason| {
                         ExportError::Unsupported {

@@ -212,3 +212,63 @@ fn gguf_matches_llama_cpp_converter() {
         }
     }
 }
+
+/// Reading a GGUF back (what `retort eval` does with `compare = ["gguf"]`) undoes the converter's
+/// changes: from an F32 file every family's tensors come back exactly (the Q/K permutation is a
+/// reordering; Gemma's `1 + w` costs at most one rounding of `w + 1`), and from Q8_0 within its
+/// quantization error (a block's absmax / 127, halved for rounding, plus the f16 scale's error).
+#[test]
+fn gguf_reads_back_as_the_hugging_face_tensors() {
+    use retort_export::convert::back::GgufWeights;
+    let tmp = tempfile::tempdir().unwrap();
+    for family in FAMILIES {
+        let model = Model::open(&fixture(family).join("base"), None, Some(OutDtype::F32)).unwrap();
+        for ft in [FileType::F32, FileType::Q8_0] {
+            let f = convert_base(family, ft, tmp.path());
+            let back = GgufWeights::open(f.path(), &model.cfg).unwrap();
+            let mut worst = 0f32;
+            for spec in &model.specs {
+                let want = model.values(&spec.name).unwrap();
+                let got = back.values(spec).unwrap();
+                assert_eq!(got.len(), want.len(), "{family} {}", spec.name);
+                let quantized = f.tensor(&spec.gguf_name).unwrap().ty.name() == "Q8_0";
+                let amax = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+                for (a, b) in got.iter().zip(&want) {
+                    let bound = if quantized {
+                        amax / 127.0 * 0.5 + amax * 1e-3
+                    } else if spec.role.is_norm() && model.cfg.arch.gguf_norms_plus_one() {
+                        (b.abs() + 1.0) * f32::EPSILON
+                    } else {
+                        0.0
+                    };
+                    assert!((a - b).abs() <= bound, "{family} {ft:?} {}: {a} vs {b}", spec.name);
+                    worst = worst.max((a - b).abs());
+                }
+            }
+            eprintln!("{family} {ft:?}: {} tensors read back, max |diff| {worst:e}", model.specs.len());
+        }
+    }
+}
+
+#[test]
+fn gguf_of_another_model_is_refused_with_what_differs() {
+    use retort_export::convert::back::GgufWeights;
+    let tmp = tempfile::tempdir().unwrap();
+    let qwen = convert_base("qwen2", FileType::F32, tmp.path());
+    let llama = Model::open(&fixture("llama").join("base"), None, None).unwrap();
+    let err = GgufWeights::open(qwen.path(), &llama.cfg).unwrap_err().to_string();
+    assert!(err.contains("architecture is `qwen2`") && err.contains("`llama`"), "{err}");
+
+    // Same architecture, other shapes: every differing tensor is named.
+    let mut cfg = llama.cfg.clone();
+    let lf = convert_base("llama", FileType::F32, tmp.path());
+    cfg.num_layers += 1;
+    let err = GgufWeights::open(lf.path(), &cfg).unwrap_err().to_string();
+    let last = cfg.num_layers - 1;
+    assert!(
+        err.contains(&format!(
+            "`blk.{last}.attn_q.weight` (for `model.layers.{last}.self_attn.q_proj.weight`) is missing"
+        )),
+        "{err}"
+    );
+}

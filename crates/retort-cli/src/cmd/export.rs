@@ -106,17 +106,6 @@ impl Progress for StartLines {
     }
 }
 
-/// A name usable in file names and by Ollama: lowercase letters, digits, `-`, `_`, `.`.
-fn sanitize(name: &str) -> String {
-    let s: String = name
-        .to_ascii_lowercase()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
-        .collect();
-    let s = s.trim_matches(|c| c == '-' || c == '.').to_string();
-    if s.is_empty() { "model".into() } else { s }
-}
-
 fn export_error(e: ExportError) -> anyhow::Error {
     let exit = if e.is_bad_input() { Exit::BadInput } else { Exit::Internal };
     CliError { exit, message: e.to_string(), hint: e.hint() }.into()
@@ -182,7 +171,7 @@ fn from_flags(args: &ExportArgs) -> anyhow::Result<Job> {
             .into());
     };
     let name = args.name.clone().unwrap_or_else(|| {
-        sanitize(
+        retort_export::job::file_stem(
             &std::fs::canonicalize(&base)
                 .unwrap_or(base.clone())
                 .file_name()
@@ -195,7 +184,7 @@ fn from_flags(args: &ExportArgs) -> anyhow::Result<Job> {
         formats: parse_formats(&args.formats)?,
         dtype: args.dtype.map(Into::into),
         out,
-        name: sanitize(&name),
+        name: retort_export::job::file_stem(&name),
         shard_size: 5_000_000_000,
         chat_template: None,
         system: None,
@@ -250,7 +239,9 @@ fn from_recipe(ui: &Ui, path: &Path, args: &ExportArgs) -> anyhow::Result<Option
         formats: parse_formats(&formats)?,
         dtype,
         out: args.out.clone().unwrap_or_else(|| r.project.output_dir.join("export")),
-        name: sanitize(args.name.as_deref().or(r.export.name.as_deref()).unwrap_or(&r.project.name)),
+        name: retort_export::job::file_stem(
+            args.name.as_deref().or(r.export.name.as_deref()).unwrap_or(&r.project.name),
+        ),
         shard_size: r.export.shard_size.0,
         chat_template,
         system: r

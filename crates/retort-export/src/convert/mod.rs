@@ -4,6 +4,7 @@
 //! `rope_factors_*` tensors), each tensor's type for the file type (see [`crate::quant::mix`]), the model
 //! metadata ([`meta`]) and the tokenizer ([`crate::tokenizer`]).
 
+pub mod back;
 pub mod meta;
 
 use std::io::Write;
@@ -104,6 +105,32 @@ pub fn llama3_rope_freqs(cfg: &ModelConfig) -> Option<Vec<f32>> {
     )
 }
 
+/// The change llama.cpp's converter makes to the tensor of `role` in a model of `cfg`.
+pub fn transform_of(cfg: &ModelConfig, role: Role) -> Transform {
+    match role {
+        Role::Q | Role::QBias if cfg.arch.gguf_permutes_qk() => Transform::Permute(cfg.num_heads),
+        Role::K | Role::KBias if cfg.arch.gguf_permutes_qk() => Transform::Permute(cfg.num_kv_heads),
+        r if r.is_norm() && cfg.arch.gguf_norms_plus_one() => Transform::PlusOne,
+        _ => Transform::None,
+    }
+}
+
+/// The inverse of [`permute_rows`]: the rows of a llama.cpp Q/K tensor back in Hugging Face order.
+pub fn unpermute_rows(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
+    let half = rows / n_head / 2;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..n_head {
+        for i in 0..half {
+            for j in 0..2 {
+                let permuted = (h * 2 * half + i * 2 + j) * cols;
+                let original = (h * 2 * half + j * half + i) * cols;
+                out[original..original + cols].copy_from_slice(&w[permuted..permuted + cols]);
+            }
+        }
+    }
+    out
+}
+
 fn gguf_unsupported(reason: String) -> ExportError {
     ExportError::Unsupported {
         format: "gguf".into(),
@@ -158,12 +185,7 @@ pub fn plan(
         ));
     }
     for spec in &model.specs {
-        let transform = match spec.role {
-            Role::Q | Role::QBias if cfg.arch.gguf_permutes_qk() => Transform::Permute(cfg.num_heads),
-            Role::K | Role::KBias if cfg.arch.gguf_permutes_qk() => Transform::Permute(cfg.num_kv_heads),
-            r if r.is_norm() && cfg.arch.gguf_norms_plus_one() => Transform::PlusOne,
-            _ => Transform::None,
-        };
+        let transform = transform_of(cfg, spec.role);
         if let Transform::Permute(n) = transform
             && !spec.shape[0].is_multiple_of(2 * n)
         {
@@ -278,5 +300,14 @@ mod tests {
         // 2 heads x 4 rows (halves of 2), 1 column: rows [0 1 2 3 | 4 5 6 7] -> [0 2 1 3 | 4 6 5 7].
         let w: Vec<f32> = (0..8).map(|x| x as f32).collect();
         assert_eq!(permute_rows(&w, 8, 1, 2), [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
+    }
+
+    #[test]
+    fn unpermute_undoes_permute() {
+        // 3 heads x 8 rows (halves of 4), 5 columns of distinct values.
+        let w: Vec<f32> = (0..3 * 8 * 5).map(|x| x as f32).collect();
+        let p = permute_rows(&w, 24, 5, 3);
+        assert_ne!(p, w);
+        assert_eq!(unpermute_rows(&p, 24, 5, 3), w);
     }
 }
