@@ -32,5 +32,5 @@ pub use burn;
 pub use dtype::Precision;
 pub use error::ModelError;
 pub use generate::{GenerateOptions, Generated, Sampling, generate};
-pub use load::Quantizer;
+pub use load::{Fetch, Quantizer};
 pub use model::{KvCache, Transformer};

@@ -30,8 +30,17 @@ use crate::norm::RmsNorm;
 /// computing in the given dtype.
 pub type Quantizer<'a> = &'a dyn Fn(&TensorView<'_>, DType, &Device) -> Result<Nf4Weight, ModelError>;
 
+/// The f32 values of a model tensor, for models whose weights do not come from safetensors (a GGUF
+/// file read back, for one).
+pub type Fetch<'a> = &'a dyn Fn(&TensorSpec) -> Result<Vec<f32>, ModelError>;
+
+enum Source<'a> {
+    Checkpoint(&'a Checkpoint),
+    Fetch(Fetch<'a>),
+}
+
 struct Reader<'a> {
-    ckpt: &'a Checkpoint,
+    source: Source<'a>,
     by_role: HashMap<(Option<usize>, Role), &'a TensorSpec>,
     device: &'a Device,
     dtype: DType,
@@ -39,16 +48,40 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
+    fn spec(&self, layer: Option<usize>, role: Role) -> Result<&TensorSpec, ModelError> {
+        self.by_role
+            .get(&(layer, role))
+            .copied()
+            .ok_or_else(|| ModelError::Input(format!("the model has no {role:?} tensor for layer {layer:?}")))
+    }
+
     fn view(&self, layer: Option<usize>, role: Role) -> Result<TensorView<'_>, ModelError> {
-        let spec = self.by_role.get(&(layer, role)).ok_or_else(|| {
-            ModelError::Input(format!("the model has no {role:?} tensor for layer {layer:?}"))
-        })?;
-        self.ckpt
-            .get(&spec.name)
-            .ok_or_else(|| ModelError::Input(format!("tensor `{}` is missing", spec.name)))
+        let spec = self.spec(layer, role)?;
+        let Source::Checkpoint(ckpt) = self.source else {
+            return Err(ModelError::Input(format!("tensor `{}` has no safetensors view", spec.name)));
+        };
+        ckpt.get(&spec.name).ok_or_else(|| ModelError::Input(format!("tensor `{}` is missing", spec.name)))
     }
 
     fn tensor<const D: usize>(&self, layer: Option<usize>, role: Role) -> Result<Tensor<D>, ModelError> {
+        if let Source::Fetch(fetch) = self.source {
+            let spec = self.spec(layer, role)?;
+            let values = fetch(spec)?;
+            if values.len() != spec.numel() {
+                return Err(ModelError::Input(format!(
+                    "tensor `{}` has {} values, its shape {:?} needs {}",
+                    spec.name,
+                    values.len(),
+                    spec.shape,
+                    spec.numel()
+                )));
+            }
+            let t = Tensor::<D>::from_data(
+                TensorData::new(values, spec.shape.clone()),
+                (self.device, DType::F32),
+            );
+            return Ok(if self.dtype == DType::F32 { t } else { t.cast(self.dtype) });
+        }
         let view = self.view(layer, role)?;
         let src = match view.dtype {
             Dtype::F32 => DType::F32,
@@ -124,7 +157,8 @@ impl Transformer {
         if !report.is_complete() {
             return Err(ModelError::Incomplete { dir: dir.to_path_buf(), report });
         }
-        let model = Transformer::build(&config, &ckpt, &specs, precision, device, quantize)?;
+        let model =
+            Transformer::build(&config, Source::Checkpoint(&ckpt), &specs, precision, device, quantize)?;
         Ok((model, report))
     }
 
@@ -136,19 +170,31 @@ impl Transformer {
         precision: Precision,
         device: &Device,
     ) -> Result<Transformer, ModelError> {
-        Transformer::build(config, ckpt, specs, precision, device, None)
+        Transformer::build(config, Source::Checkpoint(ckpt), specs, precision, device, None)
+    }
+
+    /// Builds the model of `config` from the f32 values `fetch` gives for each tensor of `specs`
+    /// (`retort_hf::names::tensors(config)`), cast to `precision` on `device`.
+    pub fn from_tensors(
+        config: &ModelConfig,
+        specs: &[TensorSpec],
+        precision: Precision,
+        device: &Device,
+        fetch: Fetch<'_>,
+    ) -> Result<Transformer, ModelError> {
+        Transformer::build(config, Source::Fetch(fetch), specs, precision, device, None)
     }
 
     fn build(
         config: &ModelConfig,
-        ckpt: &Checkpoint,
+        source: Source<'_>,
         specs: &[TensorSpec],
         precision: Precision,
         device: &Device,
         quantize: Option<Quantizer<'_>>,
     ) -> Result<Transformer, ModelError> {
         let by_role = specs.iter().map(|s| ((s.layer, s.role), s)).collect();
-        let r = Reader { ckpt, by_role, device, dtype: precision.dtype(), quantize };
+        let r = Reader { source, by_role, device, dtype: precision.dtype(), quantize };
         let c = config;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
