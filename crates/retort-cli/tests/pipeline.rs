@@ -248,6 +248,20 @@ fn the_quickstart_runs_end_to_end() {
     assert_eq!(report["models"][0]["model"], "base");
     assert_eq!(report["models"][1]["model"], "tuned");
     assert!(score(1) > score(0), "tuned {} is not above base {}", score(1), score(0));
+    // The exported Q8_0 file, read back and evaluated, answers like the tuned model it came from.
+    assert_eq!(report["models"][2]["model"], "gguf");
+    let answers = |i: usize| report["models"][i]["answers"].as_array().unwrap().clone();
+    let same = answers(1).iter().zip(&answers(2)).filter(|(a, b)| a == b).count();
+    assert!(
+        same * 10 >= answers(1).len() * 9,
+        "the GGUF agrees with tuned on {same} of {}",
+        answers(1).len()
+    );
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ck.join("run.json")).unwrap()).unwrap();
+    let order: Vec<&str> =
+        run["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    assert_eq!(order, ["distill", "train", "export", "eval"], "the GGUF is written before it is evaluated");
     assert!(report["serving"]["tuned_requests_per_hour"].as_f64().unwrap() > 0.0);
     let html = std::fs::read_to_string(ck.join("eval/report.html")).unwrap();
     assert!(html.contains("<svg") && html.contains("Training loss") && html.contains("Confusion matrix"));

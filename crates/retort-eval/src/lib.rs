@@ -52,6 +52,9 @@ pub enum EvalError {
     /// The adapter.
     #[error(transparent)]
     Lora(#[from] retort_lora::LoraError),
+    /// The exported GGUF could not be read as the model.
+    #[error(transparent)]
+    Export(#[from] retort_export::ExportError),
     /// Input that cannot be evaluated.
     #[error("{0}")]
     Input(String),
@@ -85,6 +88,9 @@ impl EvalError {
                 "check that the output directory is writable and the disk is not full".into()
             }
             EvalError::Judge { hint, .. } if !hint.is_empty() => hint.clone(),
+            EvalError::Export(e) => {
+                e.hint().unwrap_or_else(|| "run `retort export` on the recipe again".into())
+            }
             _ => "see `retort recipe docs` for `[eval]`".into(),
         }
     }
@@ -289,6 +295,18 @@ pub fn compare_of(recipe: &Recipe) -> Vec<Compare> {
     c
 }
 
+/// The GGUF file `eval.compare = ["gguf"]` evaluates: the first `gguf:TYPE` of `export.formats`, where
+/// `retort export RECIPE` writes it.
+pub fn exported_gguf(recipe: &Recipe) -> Option<PathBuf> {
+    let ty = recipe.export.formats.iter().find_map(|f| match f {
+        retort_recipe::types::ExportFormat::Gguf(t) => Some(t),
+        _ => None,
+    })?;
+    let ft = retort_export::FileType::parse(ty).ok()?;
+    let name = retort_export::job::file_stem(recipe.export.name.as_deref().unwrap_or(&recipe.project.name));
+    Some(recipe.project.output_dir.join("export").join(retort_export::job::gguf_file_name(&name, ft)))
+}
+
 /// `<output_dir>/eval`.
 pub fn eval_dir(recipe: &Recipe) -> PathBuf {
     recipe.project.output_dir.join("eval")
@@ -316,6 +334,15 @@ pub fn fingerprint(recipe: &Recipe, setup: &Setup) -> Result<String, EvalError> 
     h.update(serde_json::to_vec(&recipe.distill.as_ref().map(|d| &d.output)).unwrap_or_default());
     h.update(serde_json::to_vec(&recipe.base.chat_template).unwrap_or_default());
     h.update(recipe.project.seed.to_le_bytes());
+    if compare_of(recipe).contains(&Compare::Gguf)
+        && let Some(gguf) = exported_gguf(recipe)
+    {
+        // Size and modification time stand for the (multi-gigabyte) file: a new export changes them.
+        let meta = std::fs::metadata(&gguf).map_err(|source| EvalError::Io { path: gguf.clone(), source })?;
+        h.update(meta.len().to_le_bytes());
+        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        h.update(mtime.unwrap_or_default().as_nanos().to_le_bytes());
+    }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -535,6 +562,30 @@ fn judge_score(
     Ok((mean_score(&v, recipe.eval.bootstrap, metric_seed(recipe.project.seed, k)), stats))
 }
 
+/// The exported GGUF as a model: its tensors dequantized to f32 (see `retort_export::convert::back`),
+/// on the base model's config, in the evaluation's precision.
+fn load_gguf(recipe: &Recipe, setup: &Setup) -> Result<Transformer, EvalError> {
+    let Some(path) = exported_gguf(recipe) else {
+        return Err(EvalError::Input(
+            "`eval.compare` has `gguf`, but `export.formats` has no `gguf:TYPE`".into(),
+        ));
+    };
+    if !path.exists() {
+        return Err(EvalError::Input(format!(
+            "`eval.compare` has `gguf`, but `{}` does not exist yet: run `retort export` on the recipe \
+             first (`retort run` exports before it evaluates when `gguf` is compared)",
+            path.display()
+        )));
+    }
+    let cfg = retort_hf::ModelConfig::load(&setup.base_dir).map_err(retort_model::ModelError::from)?;
+    let weights = retort_export::convert::back::GgufWeights::open(&path, &cfg)?;
+    let specs = retort_hf::names::tensors(&cfg);
+    let fetch = |spec: &retort_hf::TensorSpec| {
+        weights.values(spec).map_err(|e| retort_model::ModelError::Input(e.to_string()))
+    };
+    Ok(Transformer::from_tensors(&cfg, &specs, setup.precision, &setup.device, &fetch)?)
+}
+
 /// Evaluates and writes `eval/report.json`, `report.md` and `report.html`. The gate is checked and
 /// recorded, not enforced: the caller decides the exit code. `judge_key` is the value of the
 /// teacher's `api_key_env`, for `judge_win_rate`.
@@ -616,6 +667,13 @@ pub fn run(
             models.push(g.result("tuned", scores));
         }
     }
+    if compare.contains(&Compare::Gguf) {
+        let model = load_gguf(recipe, setup)?;
+        tok.check_model_vocab(model.config.vocab_size)?;
+        let g = answers(&model, &tok, &p.ids, recipe, progress, "gguf")?;
+        let scores = score(&metrics, &g.answers, &p.examples, &labels, schema.as_ref(), resamples, seed)?;
+        models.push(g.result("gguf", scores));
+    }
     if compare.contains(&Compare::Teacher) {
         let a: Vec<String> = p.examples.iter().map(|e| e.reference.clone()).collect();
         let scores = score(&metrics, &a, &p.examples, &labels, schema.as_ref(), resamples, seed)?;
@@ -629,11 +687,6 @@ pub fn run(
             latency_p95_s: 0.0,
             answers: a,
         });
-    }
-    if compare.contains(&Compare::Gguf) {
-        return Err(EvalError::Input(
-            "`gguf` in `eval.compare` is not built yet; evaluate `base`, `tuned` and `teacher`".into(),
-        ));
     }
     let mut r = Report {
         format: 1,

@@ -1,4 +1,5 @@
-//! `retort run RECIPE`: distill → train → eval → export, each stage skipping work that is up to date,
+//! `retort run RECIPE`: distill → train → eval → export (export before eval when the recipe compares the
+//! exported GGUF), each stage skipping work that is up to date,
 //! stopping at the first stage that does not succeed (its exit code is the run's), and recording what
 //! happened in `<output_dir>/run.json`.
 //!
@@ -97,7 +98,14 @@ pub fn run(ui: &Ui, file: &Path, opts: Options) -> anyhow::Result<Exit> {
     })?;
     let mut record = Vec::new();
     let mut exit = Exit::Ok;
-    for stage in [Stage::Distill, Stage::Train, Stage::Eval, Stage::Export] {
+    // Evaluating the exported GGUF needs it written first; a failing gate still fails the run (exit 3).
+    let gguf_first = retort_eval::compare_of(&recipe).contains(&retort_recipe::schema::eval::Compare::Gguf);
+    let order = if gguf_first {
+        [Stage::Distill, Stage::Train, Stage::Export, Stage::Eval]
+    } else {
+        [Stage::Distill, Stage::Train, Stage::Eval, Stage::Export]
+    };
+    for stage in order {
         let wanted = only.map_or_else(|| from.is_none_or(|f| stage >= f), |o| o == stage);
         let configured = match stage {
             Stage::Distill => recipe.teacher.is_some() && recipe.distill.is_some(),
