@@ -42,16 +42,32 @@ fn run(cli: Cli, ui: &Ui) -> anyhow::Result<Exit> {
             cmd::run::run(ui, &recipe, cmd::run::Options { from, only, force, max_time })
         }
         Command::Distill { recipe, dry_run } => cmd::distill::run(ui, &recipe, dry_run),
-        Command::Train { recipe, fresh, plan } => cmd::train::run(ui, &recipe, fresh, plan, None),
-        Command::Eval { recipe, force } => cmd::eval::run(ui, &recipe, force),
-        Command::Generate(args) => cmd::model::generate(ui, args),
+        Command::Train { recipe, fresh, plan } => {
+            ALLOC.set_caching(true);
+            cmd::train::run(ui, &recipe, fresh, plan, None)
+        }
+        Command::Eval { recipe, force } => {
+            ALLOC.set_caching(true);
+            cmd::eval::run(ui, &recipe, force)
+        }
+        Command::Generate(args) => {
+            ALLOC.set_caching(true);
+            cmd::model::generate(ui, args)
+        }
         Command::Logits(args) => cmd::model::logits(ui, args),
         Command::Export(args) => cmd::export::run(ui, args),
         Command::Inspect(cmd) => cmd::inspect::run(ui, cmd),
     }
 }
 
+/// Reuses freed attention-score and logit buffers instead of having the kernel map and zero them anew,
+/// while a command runs a model step after step (train, eval, generate; `run` during those stages).
+#[global_allocator]
+pub(crate) static ALLOC: retort_model::alloc::TensorAlloc =
+    retort_model::alloc::TensorAlloc::new(retort_model::alloc::DEFAULT_BUDGET);
+
 fn main() -> ExitCode {
+    retort_model::alloc::tune_for_tensors();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

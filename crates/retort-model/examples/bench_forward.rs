@@ -8,7 +8,13 @@ use std::time::Instant;
 use retort_model::burn::tensor::{DType, Device};
 use retort_model::{Batch, GenerateOptions, Precision, Sampling, Transformer, generate};
 
+#[global_allocator]
+static ALLOC: retort_model::alloc::TensorAlloc =
+    retort_model::alloc::TensorAlloc::new(retort_model::alloc::DEFAULT_BUDGET);
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    retort_model::alloc::tune_for_tensors();
+    ALLOC.set_caching(true);
     let dir = std::env::args().nth(1).ok_or("usage: bench_forward MODEL_DIR")?;
     let device = Device::flex();
     let (model, _) = Transformer::load(std::path::Path::new(&dir), Precision::F32, &device)?;

@@ -8,6 +8,7 @@
 //! Parity with transformers 5.23 is tested on tiny random models of every family
 //! (`tests/fixtures`, made by `scripts/make_model_fixtures.py`).
 
+pub mod alloc;
 pub mod attention;
 pub mod batch;
 pub mod builtin;
@@ -33,4 +34,6 @@ pub use dtype::Precision;
 pub use error::ModelError;
 pub use generate::{GenerateOptions, Generated, Sampling, generate};
 pub use load::{Fetch, Quantizer};
+// Linked for its AVX-512 kernels (see the workspace Cargo.toml); burn's CPU backend calls it.
+use gemm as _;
 pub use model::{KvCache, Transformer};

@@ -22,7 +22,13 @@ fn micro(rows: usize, len: usize, vocab: u32) -> MicroBatch {
     MicroBatch { labels: ids.iter().map(|&t| i64::from(t)).collect(), batch: Batch::left_padded(&seqs, 0) }
 }
 
+#[global_allocator]
+static ALLOC: retort_model::alloc::TensorAlloc =
+    retort_model::alloc::TensorAlloc::new(retort_model::alloc::DEFAULT_BUDGET);
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    retort_model::alloc::tune_for_tensors();
+    ALLOC.set_caching(true);
     let mut args = std::env::args().skip(1);
     let tmp = std::env::temp_dir().join(format!("bench-qlora-{}", std::process::id()));
     let dir = match args.next().filter(|a| a != "tiny") {

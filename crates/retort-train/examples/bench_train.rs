@@ -50,7 +50,13 @@ fn micro_batch(path: &Path) -> Result<MicroBatch, Box<dyn std::error::Error>> {
     Ok(MicroBatch { labels: batch.ids.iter().map(|&x| i64::from(x)).collect(), batch })
 }
 
+#[global_allocator]
+static ALLOC: retort_model::alloc::TensorAlloc =
+    retort_model::alloc::TensorAlloc::new(retort_model::alloc::DEFAULT_BUDGET);
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    retort_model::alloc::tune_for_tensors();
+    ALLOC.set_caching(true);
     let args: Vec<String> = std::env::args().collect();
     let usage = "usage: bench_train MODEL_DIR BATCH_JSON WARMUP STEPS [--profile]";
     let [_, dir, batch, warmup, steps, rest @ ..] = args.as_slice() else { return Err(usage.into()) };

@@ -106,6 +106,8 @@ pub fn run(ui: &Ui, file: &Path, opts: Options) -> anyhow::Result<Exit> {
         [Stage::Distill, Stage::Train, Stage::Eval, Stage::Export]
     };
     for stage in order {
+        // Cached tensor buffers pay off for model steps; export streams each tensor once.
+        crate::ALLOC.set_caching(matches!(stage, Stage::Train | Stage::Eval));
         let wanted = only.map_or_else(|| from.is_none_or(|f| stage >= f), |o| o == stage);
         let configured = match stage {
             Stage::Distill => recipe.teacher.is_some() && recipe.distill.is_some(),
