@@ -1,8 +1,9 @@
-//! A first-order estimate of device memory for LoRA and QLoRA training, for `retort inspect model`.
-//! It counts what dominates on a single GPU: frozen weights, adapter weights with gradients and AdamW
-//! state, activations kept for the backward pass, and the logits. It is an estimate (allocator
-//! overhead and temporary buffers are not modelled); `retort train --plan` will calibrate it against
-//! measured peaks.
+//! A first-order estimate of peak memory for LoRA and QLoRA training, for `retort train --plan` and
+//! `retort inspect model`. It counts what dominates: frozen weights, adapter weights with gradients and
+//! AdamW state, the tensors autodiff keeps for the backward pass (as retort's forward records them),
+//! and the logits. Allocator overhead and short-lived temporaries are not modelled, so it reads a
+//! little low: on the 125M-parameter benchmark of `scripts/bench_train.sh` (f32 on the CPU, no
+//! checkpointing) it is within 10% of the measured peak resident set.
 
 use retort_hf::ModelConfig;
 
@@ -39,6 +40,8 @@ pub struct TrainShape {
     pub nf4: bool,
     /// Activation checkpointing (keep only each layer's input).
     pub checkpointing: bool,
+    /// Bytes per value of the base weights and activations: 4 for f32 (the CPU), 2 for bf16/f16.
+    pub dtype_bytes: usize,
 }
 
 /// Estimates peak training memory of a model.
@@ -57,8 +60,9 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
             other += n;
         }
     }
-    // NF4: 4 bits per weight plus double-quantized scales (~0.127 bits); other tensors stay 16-bit.
-    let weights = if s.nf4 { linear * 4.127 / 8.0 + other * 2.0 } else { (linear + other) * 2.0 };
+    let b = s.dtype_bytes as f64;
+    // NF4: 4 bits per weight plus double-quantized scales (~0.127 bits); other tensors stay in `dtype`.
+    let weights = if s.nf4 { linear * 4.127 / 8.0 + other * b } else { (linear + other) * b };
     // f32 weight, gradient and two AdamW moments.
     let adapters = adapter_params * 16.0;
     let tokens = (s.batch * s.seq) as f64;
@@ -67,16 +71,23 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     let heads = c.num_heads as f64;
     let q = (c.num_heads * c.head_dim) as f64;
     let kv = (c.num_kv_heads * c.head_dim) as f64;
-    // One layer's saved tensors (bf16): norms, q/k/v, attention output, MLP gate/up/act, plus the f32
-    // attention probabilities of eager attention.
-    let per_layer = tokens * (4.0 * h + q + 2.0 * kv + q + 3.0 * ff) * 2.0
-        + s.batch as f64 * heads * (s.seq as f64).powi(2) * 4.0;
+    // What one layer's backward needs, in `dtype`: each of the two norms keeps its input, the
+    // normalised values and its output (the projections' input); attention keeps q and k after RoPE,
+    // v and its output (o_proj's input); the gated MLP keeps gate, its sigmoid, the activation, up and
+    // their product (down_proj's input). In f32 whatever the dtype: the softmax's exponentials and the
+    // probabilities of eager attention, and each adapter's `x A^T` (7 projections).
+    let per_layer = tokens * (6.0 * h + 2.0 * q + 2.0 * kv + 5.0 * ff) * b
+        + 2.0 * s.batch as f64 * heads * (s.seq as f64).powi(2) * 4.0
+        + 7.0 * tokens * s.rank as f64 * 4.0;
+    // Plus, during the backward pass, one layer's worth of gradients of those tensors (and, with
+    // checkpointing, the one layer recomputed at a time).
     let activations = if s.checkpointing {
-        c.num_layers as f64 * tokens * h * 2.0 + per_layer
+        c.num_layers as f64 * tokens * h * b + 2.0 * per_layer
     } else {
-        c.num_layers as f64 * per_layer
+        (c.num_layers + 1) as f64 * per_layer
     };
-    let logits = tokens * c.vocab_size as f64 * 4.0 * 2.0;
+    // f32 logits of every label position, their log-softmax (kept) and its gradient.
+    let logits = tokens * c.vocab_size as f64 * 4.0 * 3.0;
     MemoryEstimate { weights, adapters, activations, logits }
 }
 
@@ -92,7 +103,8 @@ mod tests {
             std::path::Path::new("config.json"),
         )
         .unwrap();
-        let shape = TrainShape { batch: 1, seq: 2048, rank: 16, nf4: false, checkpointing: true };
+        let shape =
+            TrainShape { batch: 1, seq: 2048, rank: 16, nf4: false, checkpointing: true, dtype_bytes: 2 };
         let bf16 = estimate(&c, shape);
         let nf4 = estimate(&c, TrainShape { nf4: true, ..shape });
         // 8B in bf16 is ~16 GB of weights; NF4 linears bring it near 5 GB (embeddings stay 16-bit).
@@ -100,5 +112,12 @@ mod tests {
         assert!(nf4.weights / 1e9 > 4.5 && nf4.weights / 1e9 < 6.0, "{}", nf4.weights / 1e9);
         let full = estimate(&c, TrainShape { checkpointing: false, ..shape });
         assert!(full.activations > 5.0 * bf16.activations);
+        // f32 doubles the weights and everything but the f32 attention probabilities and adapter inputs.
+        let f32 = estimate(&c, TrainShape { dtype_bytes: 4, checkpointing: false, ..shape });
+        assert_eq!(f32.weights, 2.0 * full.weights);
+        let f32_only = |e: &MemoryEstimate| {
+            e.activations - 33.0 * (2.0 * 32.0 * 2048f64.powi(2) * 4.0 + 7.0 * 2048.0 * 16.0 * 4.0)
+        };
+        assert!((f32_only(&f32) / f32_only(&full) - 2.0).abs() < 1e-9);
     }
 }

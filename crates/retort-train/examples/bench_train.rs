@@ -140,6 +140,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             rank: spec.r,
             nf4: false,
             checkpointing: false,
+            dtype_bytes: 4,
         },
     );
     println!(

@@ -400,8 +400,14 @@ fn checkpointing_on(recipe: &Recipe, gpu: bool) -> bool {
     }
 }
 
-/// The run's shape for this data and model.
-pub fn plan(recipe: &Recipe, data: &Data, config: &retort_hf::ModelConfig, gpu: bool) -> Plan {
+/// The run's shape for this data and model, with the base in `precision`.
+pub fn plan(
+    recipe: &Recipe,
+    data: &Data,
+    config: &retort_hf::ModelConfig,
+    gpu: bool,
+    precision: Precision,
+) -> Plan {
     let t = &recipe.train;
     let rows = data.train.len();
     let mb = t.micro_batch_size.max(1) as u64;
@@ -420,6 +426,7 @@ pub fn plan(recipe: &Recipe, data: &Data, config: &retort_hf::ModelConfig, gpu: 
             rank: recipe.lora.r as usize,
             nf4: recipe.base.quantize == retort_recipe::schema::project::Quantize::Nf4,
             checkpointing,
+            dtype_bytes: precision.dtype().size(),
         },
     );
     let tokens = data.train_report.pack.tokens;
@@ -657,7 +664,7 @@ pub fn run(
     }
     let (base, _) = load_base(recipe, setup, &device)?;
     tok.check_model_vocab(base.config.vocab_size)?;
-    let plan = plan(recipe, &data, &base.config, setup.gpu);
+    let plan = plan(recipe, &data, &base.config, setup.gpu, setup.precision);
     let opt_config = AdamWConfig {
         beta1: t.adam_beta1,
         beta2: t.adam_beta2,

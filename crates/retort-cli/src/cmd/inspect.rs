@@ -35,7 +35,14 @@ pub fn run(ui: &Ui, cmd: InspectCommand) -> anyhow::Result<Exit> {
                         *name,
                         estimate(
                             &cfg,
-                            TrainShape { batch, seq: seq_len, rank, nf4: *nf4, checkpointing: true },
+                            TrainShape {
+                                batch,
+                                seq: seq_len,
+                                rank,
+                                nf4: *nf4,
+                                checkpointing: true,
+                                dtype_bytes: 2,
+                            },
                         ),
                     )
                 })

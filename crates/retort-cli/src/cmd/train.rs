@@ -49,7 +49,7 @@ pub fn run(
         let data =
             retort_train::run::load_data(&recipe, &layout, &tok, &template).map_err(|e| train_error(&e))?;
         let config = retort_hf::ModelConfig::load(&base.dir).map_err(|e| CliError::input(e.to_string()))?;
-        let plan = retort_train::run::plan(&recipe, &data, &config, device.gpu);
+        let plan = retort_train::run::plan(&recipe, &data, &config, device.gpu, precision);
         if ui.json {
             ui.stdout_line(&serde_json::json!({"plan": plan, "train_data": data.train_report}).to_string());
         } else {
