@@ -9,6 +9,8 @@
 # The step: one micro-batch of 4 x 512 tokens, every token a label, LoRA r=16 alpha=32 on every linear
 # layer (dropout 0), AdamW lr 1e-4, clipping at 1.0. WARMUP untimed steps (default 1), then STEPS timed
 # steps (default 3). PROFILE=1 adds one step split into forward / backward / optimizer on both sides.
+# CHECKPOINTING=1 turns activation checkpointing on, on both sides (burn's strategy: memory-bound
+# operations recomputed; transformers': each decoder layer recomputed).
 # WORK=dir keeps the model and batch there (default: a temporary directory, deleted at the end).
 # Timings are only meaningful on an otherwise idle machine: the load average is printed first.
 set -euo pipefail
@@ -22,8 +24,9 @@ if [ -z "${WORK:-}" ]; then
     trap 'rm -rf "$WORK"' EXIT # the model is 0.5 GB
 fi
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
-PROFILE_ARG=()
-[ "${PROFILE:-0}" = 1 ] && PROFILE_ARG=(--profile)
+EXTRA_ARGS=()
+[ "${PROFILE:-0}" = 1 ] && EXTRA_ARGS=(--profile)
+[ "${CHECKPOINTING:-0}" = 1 ] && EXTRA_ARGS+=(--checkpointing)
 TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 
 echo "== $(nproc) cores, $THREADS threads, load average $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -35,12 +38,12 @@ echo "== model (random weights, Llama shape) and batch in $WORK"
 
 echo "== retort: $WARMUP warm-up + $STEPS timed steps"
 RETORT=$("$TARGET_DIR/release/examples/bench_train" "$WORK/model" "$WORK/batch.json" "$WARMUP" "$STEPS" \
-    "${PROFILE_ARG[@]}")
+    "${EXTRA_ARGS[@]}")
 echo "$RETORT"
 
 echo "== PyTorch + PEFT: $WARMUP warm-up + $STEPS timed steps"
 PEFT=$("$PYTHON" scripts/bench_train_peft.py "$WORK/model" "$WORK/batch.json" "$WARMUP" "$STEPS" "$THREADS" \
-    "${PROFILE_ARG[@]}" 2>/dev/null)
+    "${EXTRA_ARGS[@]}" 2>/dev/null)
 echo "$PEFT"
 
 echo "== load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

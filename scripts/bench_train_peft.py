@@ -34,6 +34,7 @@ def main() -> None:
     model_dir, batch_path, warmup, steps, threads = sys.argv[1:6]
     warmup, steps, threads = int(warmup), int(steps), int(threads)
     profile = "--profile" in sys.argv[6:]
+    checkpointing = "--checkpointing" in sys.argv[6:]
 
     import peft
     import torch
@@ -45,6 +46,9 @@ def main() -> None:
         model_dir, dtype=torch.float32, attn_implementation="sdpa"
     )
     cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", bias="none")
+    if checkpointing:
+        # Per decoder layer, as PEFT users enable it; non-reentrant so LoRA inputs need no grad hook.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = peft.get_peft_model(model, cfg)
     model.train()
     load_s = time.perf_counter() - t

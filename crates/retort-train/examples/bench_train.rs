@@ -3,10 +3,10 @@
 //! and `steps` timed optimizer steps of one fixed batch. Prints one JSON object. Not a test: timings
 //! vary.
 //!
-//!   bench_train MODEL_DIR BATCH_JSON WARMUP STEPS [--profile]
+//!   bench_train MODEL_DIR BATCH_JSON WARMUP STEPS [--profile] [--checkpointing]
 //!
 //! `--profile` adds one more step taken apart: forward to the loss, backward (gradients minus forward),
-//! and clipping plus AdamW.
+//! and clipping plus AdamW. `--checkpointing` trains with burn's activation checkpointing.
 
 #![allow(clippy::print_stdout, reason = "a benchmark reports on stdout")]
 
@@ -58,12 +58,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     retort_model::alloc::tune_for_tensors();
     ALLOC.set_caching(true);
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: bench_train MODEL_DIR BATCH_JSON WARMUP STEPS [--profile]";
+    let usage = "usage: bench_train MODEL_DIR BATCH_JSON WARMUP STEPS [--profile] [--checkpointing]";
     let [_, dir, batch, warmup, steps, rest @ ..] = args.as_slice() else { return Err(usage.into()) };
     let (warmup, steps): (usize, usize) = (warmup.parse()?, steps.parse()?);
     let profile = rest.iter().any(|a| a == "--profile");
+    let checkpointing = rest.iter().any(|a| a == "--checkpointing");
 
-    let device = Device::flex().autodiff();
+    let mut device = Device::flex().autodiff();
+    if checkpointing {
+        device = device.gradient_checkpointing();
+    }
     let t = Instant::now();
     let (model, _) = Transformer::load(Path::new(dir), Precision::F32, &device)?;
     let spec = retort_lora::AdapterSpec {
@@ -139,7 +143,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             seq: mb.batch.len,
             rank: spec.r,
             nf4: false,
-            checkpointing: false,
+            checkpointing,
             dtype_bytes: 4,
         },
     );
@@ -148,6 +152,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         serde_json::json!({
             "impl": "retort",
             "threads": std::env::var("RAYON_NUM_THREADS").ok(),
+            "checkpointing": checkpointing,
             "tokens": tokens,
             "warmup": warmup,
             "steps": steps,
