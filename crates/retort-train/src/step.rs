@@ -114,15 +114,17 @@ pub fn apply(
         let Some(g) = grads.get(name) else { return p };
         let (id, t, mapper) = p.consume();
         let shape = t.dims();
+        let strategy = t.gradient_checkpointing_strategy();
         let flat = t.inner().reshape([-1]);
         let new = opt.update(name, flat, g.clone(), lr).reshape(shape);
-        Param::from_mapped_value(id, Tensor::from_inner(new).require_grad(), mapper)
+        Param::from_mapped_value(id, tracked(new, strategy), mapper)
     };
     let update1 = |name: &str, p: Param<Tensor<1>>, opt: &mut AdamW| -> Param<Tensor<1>> {
         let Some(g) = grads.get(name) else { return p };
         let (id, t, mapper) = p.consume();
+        let strategy = t.gradient_checkpointing_strategy();
         let new = opt.update(name, t.inner(), g.clone(), lr);
-        Param::from_mapped_value(id, Tensor::from_inner(new).require_grad(), mapper)
+        Param::from_mapped_value(id, tracked(new, strategy), mapper)
     };
     model.map_linears(&mut |site, mut lin| {
         if let Some(mut l) = lin.lora.take() {
@@ -134,6 +136,21 @@ pub fn apply(
         }
         lin
     })
+}
+
+/// An updated adapter weight back on the autodiff device, with the gradient-checkpointing strategy
+/// the old one had: `from_inner` alone gives the default (none), and burn refuses to combine tensors
+/// of two strategies, so a checkpointed run would fail at its second step.
+fn tracked<const D: usize>(
+    inner: Tensor<D>,
+    strategy: Option<retort_model::burn::tensor::GradientCheckpointingStrategy>,
+) -> Tensor<D> {
+    let t = Tensor::from_inner(inner);
+    let t = match strategy {
+        Some(s) => t.with_gradient_checkpointing_strategy(s),
+        None => t,
+    };
+    t.require_grad()
 }
 
 /// Runs the step. `model` must live on an autodiff device with trainable adapters. `seed` makes

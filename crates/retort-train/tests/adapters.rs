@@ -1,6 +1,7 @@
 //! Adapter behaviour around training: PEFT's logits with a saved adapter equal ours, our saved adapter
 //! reloads to the same weights under PEFT's key names, gradient accumulation is exact, base weights
-//! never change, and a step with a non-finite loss changes nothing.
+//! never change, a step with a non-finite loss changes nothing, and activation checkpointing changes
+//! no step.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
 
@@ -115,6 +116,10 @@ fn adapters(m: &Transformer) -> Vec<f32> {
 }
 
 fn fresh(seed: u64) -> Transformer {
+    fresh_on(seed, &Device::flex().autodiff())
+}
+
+fn fresh_on(seed: u64, device: &Device) -> Transformer {
     let spec = retort_lora::AdapterSpec {
         r: 4,
         alpha: 8.0,
@@ -122,7 +127,34 @@ fn fresh(seed: u64) -> Transformer {
         targets: vec![Target::AllLinear],
         variant: Variant::Lora,
     };
-    retort_lora::attach(load(&Device::flex().autodiff()), &spec, seed).unwrap()
+    retort_lora::attach(load(device), &spec, seed).unwrap()
+}
+
+#[test]
+fn activation_checkpointing_recomputes_the_same_steps() {
+    // Updated adapters must keep the device's checkpointing strategy (burn refuses to mix two), and
+    // recomputing activations must not change what a step computes.
+    let rows = rows();
+    let run = |device: &Device| {
+        let mut model = fresh_on(3, device);
+        let mut opt = opt();
+        let mut losses = Vec::new();
+        for step in 0..3 {
+            let (m, stats) = train_step(model, &mut opt, &[micro(&rows)], 1e-2, 1.0, step);
+            assert!(stats.applied);
+            losses.push(stats.loss);
+            model = m;
+        }
+        (losses, adapters(&model))
+    };
+    let (plain_losses, plain) = run(&Device::flex().autodiff());
+    let (ckpt_losses, ckpt) = run(&Device::flex().autodiff().gradient_checkpointing());
+    assert_eq!(plain_losses.len(), 3);
+    for (a, b) in plain_losses.iter().zip(&ckpt_losses) {
+        assert!((a - b).abs() <= 1e-6 * a.abs(), "{plain_losses:?} vs {ckpt_losses:?}");
+    }
+    let worst = plain.iter().zip(&ckpt).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-6, "adapters differ by {worst}");
 }
 
 #[test]
