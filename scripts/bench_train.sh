@@ -9,8 +9,8 @@
 # The step: one micro-batch of 4 x 512 tokens, every token a label, LoRA r=16 alpha=32 on every linear
 # layer (dropout 0), AdamW lr 1e-4, clipping at 1.0. WARMUP untimed steps (default 1), then STEPS timed
 # steps (default 3). PROFILE=1 adds one step split into forward / backward / optimizer on both sides.
-# CHECKPOINTING=1 turns activation checkpointing on, on both sides (burn's strategy: memory-bound
-# operations recomputed; transformers': each decoder layer recomputed).
+# CHECKPOINTING=1 turns activation checkpointing on, on both sides: each decoder layer recomputed in the
+# backward pass.
 # WORK=dir keeps the model and batch there (default: a temporary directory, deleted at the end).
 # Timings are only meaningful on an otherwise idle machine: the load average is printed first.
 set -euo pipefail

@@ -36,4 +36,4 @@ pub use generate::{GenerateOptions, Generated, Sampling, generate};
 pub use load::{Fetch, Quantizer};
 // Linked for its AVX-512 kernels (see the workspace Cargo.toml); burn's CPU backend calls it.
 use gemm as _;
-pub use model::{KvCache, Transformer};
+pub use model::{KvCache, LayerInputs, Transformer};

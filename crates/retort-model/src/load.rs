@@ -257,6 +257,7 @@ impl Transformer {
             norm: r.norm(None, Role::FinalNorm, c)?,
             lm_head,
             config: c.clone(),
+            checkpoint_layers: false,
         })
     }
 }

@@ -107,6 +107,19 @@ pub struct Transformer {
     /// The validated config.
     #[module(skip)]
     pub config: ModelConfig,
+    /// Training recomputes each layer's forward in the backward pass instead of keeping its
+    /// activations (transformers' gradient checkpointing, one layer at a time); read by retort-train.
+    #[module(skip)]
+    pub checkpoint_layers: bool,
+}
+
+/// Rotary tables and attention masks that every layer of one pass over a batch shares.
+#[derive(Debug, Clone)]
+pub struct LayerInputs {
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+    local: Option<(Tensor<4>, Tensor<4>)>,
+    masks: HashMap<Option<usize>, Tensor<5>>,
 }
 
 impl Transformer {
@@ -152,23 +165,81 @@ impl Transformer {
         self.hidden_mode(batch, None, true)
     }
 
-    fn hidden_mode(&self, batch: &Batch, mut cache: Option<&mut KvCache>, train: bool) -> Tensor<3> {
+    /// Token embeddings of the batch, scaled as the family scales them, `[rows, len, hidden]`.
+    pub fn embed_tokens(&self, batch: &Batch) -> Tensor<3> {
+        let device = self.device();
+        let dtype = self.dtype();
+        let ids: Vec<i64> = batch.ids.iter().map(|&i| i64::from(i)).collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch.rows, batch.len]), &device);
+        let x = burn::tensor::module::embedding(self.embed.val(), ids);
+        if !self.config.scale_embeddings {
+            return x;
+        }
+        // transformers multiplies by sqrt(hidden) cast to the weights' dtype.
+        let s = (self.config.hidden_size as f64).sqrt();
+        let s = match dtype {
+            DType::BF16 => half::bf16::from_f64(s).to_f64(),
+            DType::F16 => half::f16::from_f64(s).to_f64(),
+            _ => s,
+        };
+        x.mul_scalar(s)
+    }
+
+    fn layer_inputs(&self, batch: &Batch, spec: &MaskSpec) -> LayerInputs {
         let device = self.device();
         let dtype = self.dtype();
         let (rows, len) = (batch.rows, batch.len);
-        let ids: Vec<i64> = batch.ids.iter().map(|&i| i64::from(i)).collect();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, len]), &device);
-        let mut x = burn::tensor::module::embedding(self.embed.val(), ids);
-        if self.config.scale_embeddings {
-            // transformers multiplies by sqrt(hidden) cast to the weights' dtype.
-            let s = (self.config.hidden_size as f64).sqrt();
-            let s = match dtype {
-                DType::BF16 => half::bf16::from_f64(s).to_f64(),
-                DType::F16 => half::f16::from_f64(s).to_f64(),
-                _ => s,
-            };
-            x = x.mul_scalar(s);
+        let mut masks = HashMap::new();
+        for layer in &self.layers {
+            masks.entry(layer.window).or_insert_with(|| spec.build(layer.window, &device));
         }
+        let (cos, sin) = self.rope().cos_sin(&batch.positions, rows, len, &device, dtype);
+        let local = self.local_rope().map(|r| r.cos_sin(&batch.positions, rows, len, &device, dtype));
+        LayerInputs { cos, sin, local, masks }
+    }
+
+    /// What the layers of a training pass over `batch` (no cache) share.
+    pub fn train_inputs(&self, batch: &Batch) -> LayerInputs {
+        let spec = MaskSpec {
+            batch: batch.rows,
+            q_len: batch.len,
+            k_len: batch.len,
+            key_valid: batch.valid.clone(),
+            segments: batch.segments.clone(),
+        };
+        self.layer_inputs(batch, &spec)
+    }
+
+    fn run_layer(
+        &self,
+        i: usize,
+        x: Tensor<3>,
+        inputs: &LayerInputs,
+        cache: Option<&mut Option<LayerCache>>,
+        train: bool,
+    ) -> Tensor<3> {
+        let layer = &self.layers[i];
+        let mask = &inputs.masks[&layer.window];
+        let (c, s) = match (&inputs.local, layer.local_rope) {
+            (Some((lc, ls)), true) => (lc, ls),
+            _ => (&inputs.cos, &inputs.sin),
+        };
+        layer.forward(x, c, s, mask, cache, train)
+    }
+
+    /// Layer `i` of a training pass (adapter dropout on) over hidden states `[rows, len, hidden]`.
+    pub fn layer_train(&self, i: usize, x: Tensor<3>, inputs: &LayerInputs) -> Tensor<3> {
+        self.run_layer(i, x, inputs, None, true)
+    }
+
+    /// The final norm, applied to the last layer's output.
+    pub fn final_norm(&self, x: Tensor<3>) -> Tensor<3> {
+        self.norm.forward(x)
+    }
+
+    fn hidden_mode(&self, batch: &Batch, mut cache: Option<&mut KvCache>, train: bool) -> Tensor<3> {
+        let (rows, len) = (batch.rows, batch.len);
+        let mut x = self.embed_tokens(batch);
 
         // Keys visible to this pass: the cached ones, then this pass's.
         let (past, mut valid, mut segments) = match cache.as_deref() {
@@ -187,23 +258,16 @@ impl Transformer {
             key_segments.extend_from_slice(&batch.segments[r * len..(r + 1) * len]);
         }
         let spec = MaskSpec { batch: rows, q_len: len, k_len, key_valid, segments: key_segments };
-        let mut masks: HashMap<Option<usize>, Tensor<5>> = HashMap::new();
-        let (cos, sin) = self.rope().cos_sin(&batch.positions, rows, len, &device, dtype);
-        let local = self.local_rope().map(|r| r.cos_sin(&batch.positions, rows, len, &device, dtype));
+        let inputs = self.layer_inputs(batch, &spec);
 
         if let Some(c) = cache.as_deref_mut()
             && c.layers.len() != self.layers.len()
         {
             c.layers = vec![None; self.layers.len()];
         }
-        for (i, layer) in self.layers.iter().enumerate() {
-            let mask = masks.entry(layer.window).or_insert_with(|| spec.build(layer.window, &device)).clone();
-            let (c, s) = match (&local, layer.local_rope) {
-                (Some((lc, ls)), true) => (lc, ls),
-                _ => (&cos, &sin),
-            };
+        for i in 0..self.layers.len() {
             let slot = cache.as_deref_mut().map(|kv| &mut kv.layers[i]);
-            x = layer.forward(x, c, s, &mask, slot, train);
+            x = self.run_layer(i, x, &inputs, slot, train);
         }
         if let Some(c) = cache {
             // Append this pass's rows to the cached padding and segment records.
@@ -224,7 +288,7 @@ impl Transformer {
             c.valid = valid;
             c.segments = segments;
         }
-        self.norm.forward(x)
+        self.final_norm(x)
     }
 
     /// Logits of the vocabulary for hidden states `[rows, len, hidden]`, soft-capped when the family

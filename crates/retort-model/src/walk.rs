@@ -49,7 +49,7 @@ impl Transformer {
 
     /// Rebuilds every adaptable projection through `f` (same order as [`Transformer::visit_linears`]).
     pub fn map_linears(self, f: &mut dyn FnMut(&LinearSite, Linear) -> Linear) -> Transformer {
-        let Transformer { embed, layers, norm, lm_head, config } = self;
+        let Transformer { embed, layers, norm, lm_head, config, checkpoint_layers } = self;
         let layers = layers
             .into_iter()
             .enumerate()
@@ -76,7 +76,7 @@ impl Transformer {
                 l
             })
             .collect();
-        Transformer { embed, layers, norm, lm_head, config }
+        Transformer { embed, layers, norm, lm_head, config, checkpoint_layers }
     }
 }
 

@@ -657,11 +657,7 @@ pub fn run(
     }
 
     let data = load_data(recipe, &layout, &tok, &template)?;
-    let mut device = setup.device.clone().autodiff();
-    let checkpointing = checkpointing_on(recipe, setup.gpu);
-    if checkpointing {
-        device = device.gradient_checkpointing();
-    }
+    let device = setup.device.clone().autodiff();
     let (base, _) = load_base(recipe, setup, &device)?;
     tok.check_model_vocab(base.config.vocab_size)?;
     let plan = plan(recipe, &data, &base.config, setup.gpu, setup.precision);
@@ -700,6 +696,8 @@ pub fn run(
             (m, a, AdamW::new(opt_config), s)
         }
     };
+    // Activation checkpointing recomputes each layer in the backward pass (see `step`).
+    model.checkpoint_layers = plan.checkpointing;
     let schedule = LrSchedule {
         lr: t.lr,
         kind: t.schedule,

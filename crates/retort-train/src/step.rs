@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use retort_model::burn::module::Param;
-use retort_model::burn::tensor::Tensor;
+use retort_model::burn::module::{Module as _, Param};
+use retort_model::burn::tensor::{Gradients, Tensor};
 use retort_model::{Batch, Transformer};
 
 use crate::loss::{label_positions, nll_sum};
@@ -66,40 +66,114 @@ pub fn gradients(
         return (0.0, 0, grads);
     }
     for (i, mb) in micro.iter().enumerate() {
-        // burn's random source is one per process, not per device or thread: hold it while seeding and
-        // drawing this micro-batch's dropout masks (all drawn in the forward), or two trainings in one
-        // process (tests, a service) interleave their draws and neither is reproducible.
-        let hidden = {
-            let _rng = DROPOUT_RNG.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            model.device().seed(seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
-            model.hidden_train(&mb.batch)
-        };
-        let Some(nll) = nll_sum(model, hidden, &mb.labels) else { continue };
-        let loss = nll.div_scalar(total as f64);
-        let value: f32 = loss.clone().into_scalar();
-        loss_sum += f64::from(value);
-        let g = loss.backward();
-        model.visit_linears(&mut |site, lin| {
-            let Some(l) = &lin.lora else { return };
-            let [na, nb, nm] = param_names(&site.path);
-            let mut add = |name: String, grad: Option<Tensor<1>>| {
-                if let Some(grad) = grad {
-                    let grad = grad.inner();
-                    let acc = match grads.remove(&name) {
-                        Some(prev) => prev + grad,
-                        None => grad,
-                    };
-                    grads.insert(name, acc);
-                }
+        let mb_seed = seed.wrapping_mul(1_000_003).wrapping_add(i as u64);
+        let value = if model.checkpoint_layers {
+            layer_by_layer(model, mb, total, mb_seed, &mut grads)
+        } else {
+            // burn's random source is one per process, not per device or thread: hold it while
+            // seeding and drawing this micro-batch's dropout masks (all drawn in the forward), or two
+            // trainings in one process (tests, a service) interleave their draws and neither is
+            // reproducible.
+            let hidden = {
+                let _rng = DROPOUT_RNG.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                model.device().seed(mb_seed);
+                model.hidden_train(&mb.batch)
             };
-            add(na, l.a.val().grad(&g).map(|t| t.reshape([-1])));
-            add(nb, l.b.val().grad(&g).map(|t| t.reshape([-1])));
-            if let Some(m) = &l.magnitude {
-                add(nm, m.val().grad(&g));
-            }
-        });
+            let Some(nll) = nll_sum(model, hidden, &mb.labels) else { continue };
+            let loss = nll.div_scalar(total as f64);
+            let value: f32 = loss.clone().into_scalar();
+            collect(model, &loss.backward(), &mut grads);
+            Some(value)
+        };
+        loss_sum += value.map_or(0.0, f64::from);
     }
     (loss_sum, total, grads)
+}
+
+/// Adds the adapter gradients of `g` to `grads`.
+fn collect(model: &Transformer, g: &Gradients, grads: &mut BTreeMap<String, Tensor<1>>) {
+    model.visit_linears(&mut |site, lin| {
+        let Some(l) = &lin.lora else { return };
+        let [na, nb, nm] = param_names(&site.path);
+        let mut add = |name: String, grad: Option<Tensor<1>>| {
+            if let Some(grad) = grad {
+                let grad = grad.inner();
+                let acc = match grads.remove(&name) {
+                    Some(prev) => prev + grad,
+                    None => grad,
+                };
+                grads.insert(name, acc);
+            }
+        };
+        add(na, l.a.val().grad(g).map(|t| t.reshape([-1])));
+        add(nb, l.b.val().grad(g).map(|t| t.reshape([-1])));
+        if let Some(m) = &l.magnitude {
+            add(nm, m.val().grad(g));
+        }
+    });
+}
+
+/// One micro-batch with each layer recomputed in the backward pass (`Transformer::checkpoint_layers`),
+/// as transformers' gradient checkpointing does: a forward without autodiff keeps only each layer's
+/// input; the loss head runs on the last layer's output and gives its gradient `g`; then, from the
+/// last layer down, the layer runs again from its saved input under autodiff and `sum(y * g)` is
+/// differentiated, which yields that layer's adapter gradients and the gradient of its input, the
+/// next `g`. Peak memory is every layer's input plus one layer's graph. Dropout masks are drawn from a
+/// seed per layer, so both passes of a layer draw the same ones. Returns the micro-batch's loss, or
+/// `None` when it has no label tokens.
+fn layer_by_layer(
+    model: &Transformer,
+    mb: &MicroBatch,
+    total: usize,
+    seed: u64,
+    grads: &mut BTreeMap<String, Tensor<1>>,
+) -> Option<f32> {
+    let layers = model.config.num_layers;
+    let device = model.device();
+    let layer_seed = |i: usize| seed.wrapping_mul(0x9e37_79b9).wrapping_add(i as u64 + 1);
+    let frozen = model.valid();
+    let plain_inputs = frozen.train_inputs(&mb.batch);
+    let mut x = frozen.embed_tokens(&mb.batch);
+    let mut saved = Vec::with_capacity(layers);
+    for i in 0..layers {
+        saved.push(x.clone());
+        let _rng = DROPOUT_RNG.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        device.seed(layer_seed(i));
+        x = frozen.layer_train(i, x, &plain_inputs);
+    }
+    drop(plain_inputs);
+    let strategy = model.embed.val().gradient_checkpointing_strategy();
+    let onto_graph = |t: Tensor<3>| {
+        let t = Tensor::from_inner(t);
+        match strategy {
+            Some(s) => t.with_gradient_checkpointing_strategy(s),
+            None => t,
+        }
+    };
+
+    // The loss head: final norm, LM head, cross-entropy.
+    let last = onto_graph(x).require_grad();
+    let nll = nll_sum(model, model.final_norm(last.clone()), &mb.labels)?;
+    let loss = nll.div_scalar(total as f64);
+    let value: f32 = loss.clone().into_scalar();
+    let g = loss.backward();
+    collect(model, &g, grads);
+    let mut upstream = last.grad(&g)?.inner();
+    drop(g);
+
+    let inputs = model.train_inputs(&mb.batch);
+    for i in (0..layers).rev() {
+        let input = onto_graph(saved.pop()?).require_grad();
+        let y = {
+            let _rng = DROPOUT_RNG.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            device.seed(layer_seed(i));
+            model.layer_train(i, input.clone(), &inputs)
+        };
+        let g = (y * onto_graph(upstream)).sum().backward();
+        collect(model, &g, grads);
+        upstream = input.grad(&g)?.inner();
+    }
+    Some(value)
 }
 
 /// Applies AdamW to every adapter weight that has a gradient.
