@@ -7,6 +7,9 @@
 
 use retort_hf::ModelConfig;
 
+/// Training computes the LM head's f32 logits this many bytes at a time (a chunk of label positions).
+pub const HEAD_CHUNK_BYTES: usize = 32 << 20;
+
 /// Bytes by category.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct MemoryEstimate {
@@ -16,7 +19,7 @@ pub struct MemoryEstimate {
     pub adapters: f64,
     /// Activations kept for the backward pass.
     pub activations: f64,
-    /// Logits and their gradient (f32), the peak at the end of the forward.
+    /// Logits, log-softmax and gradient (f32) of one chunk of label positions.
     pub logits: f64,
 }
 
@@ -86,8 +89,8 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     } else {
         (c.num_layers + 1) as f64 * per_layer
     };
-    // f32 logits of every label position, their log-softmax (kept) and its gradient.
-    let logits = tokens * c.vocab_size as f64 * 4.0 * 3.0;
+    // f32 logits, their log-softmax (kept) and its gradient, for one chunk of label positions.
+    let logits = (tokens * c.vocab_size as f64 * 4.0).min(HEAD_CHUNK_BYTES as f64) * 3.0;
     MemoryEstimate { weights, adapters, activations, logits }
 }
 

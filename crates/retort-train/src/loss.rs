@@ -37,11 +37,19 @@ pub fn nll_sum(model: &Transformer, hidden: Tensor<3>, labels: &[i64]) -> Option
     let device = hidden.device();
     let pos = Tensor::<1, Int>::from_data(TensorData::new(pos, [n]), &device);
     let selected = hidden.reshape([rows * len, h]).select(0, pos).reshape([1, n, h]);
+    Some(nll_of(model, selected, tgt))
+}
+
+/// Sum of the negative log-likelihoods of `targets` given the final hidden states of the positions
+/// that predict them, `[1, targets, hidden]`.
+pub fn nll_of(model: &Transformer, selected: Tensor<3>, targets: Vec<i64>) -> Tensor<1> {
+    let n = targets.len();
+    let device = selected.device();
     let logits = model.logits(selected).reshape([n, model.config.vocab_size]);
     let logits = if logits.dtype() == DType::F32 { logits } else { logits.cast(DType::F32) };
     let logp = log_softmax(logits, 1);
-    let tgt = Tensor::<2, Int>::from_data(TensorData::new(tgt, [n, 1]), &device);
-    Some(logp.gather(1, tgt).sum().neg())
+    let tgt = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
+    logp.gather(1, tgt).sum().neg()
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Adapter behaviour around training: PEFT's logits with a saved adapter equal ours, our saved adapter
 //! reloads to the same weights under PEFT's key names, gradient accumulation is exact, base weights
-//! never change, a step with a non-finite loss changes nothing, and activation checkpointing changes
-//! no step.
+//! never change, a step with a non-finite loss changes nothing, and neither activation checkpointing
+//! nor computing the LM head in chunks changes a step.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
 
@@ -222,5 +222,33 @@ fn base_weights_never_change_and_bad_steps_change_nothing() {
     assert_eq!(ad_after.len(), ad_before.len());
     for (i, (x, y)) in ad_after.iter().zip(&ad_before).enumerate() {
         assert!(x == y || (x.is_nan()), "adapter value {i} changed on a skipped step");
+    }
+}
+
+#[test]
+fn the_lm_head_in_chunks_gives_the_gradients_of_one_pass() {
+    // The fixture's 256-token vocabulary fits one chunk by default; three positions a chunk splits the
+    // 18 label positions into six, with and without layer checkpointing.
+    let rows = rows();
+    let mb = [micro(&rows)];
+    for layers in [false, true] {
+        let mut m = fresh(5);
+        m.checkpoint_layers = layers;
+        let (l1, n1, g1) = retort_train::step::gradients(&m, &mb, 0);
+        let (l6, n6, g6) = retort_train::step::gradients_with_head_chunk(&m, &mb, 0, 3 * 256 * 4);
+        assert_eq!((n1, n6), (18, 18));
+        assert!((l1 - l6).abs() <= 1e-6 * l1, "checkpointing {layers}: loss {l1} vs {l6}");
+        assert_eq!(g1.keys().collect::<Vec<_>>(), g6.keys().collect::<Vec<_>>());
+        assert!(!g1.is_empty());
+        for (name, a) in &g1 {
+            let a = a.clone().into_data().try_to_vec::<f32>().unwrap();
+            let b = g6[name].clone().into_data().try_to_vec::<f32>().unwrap();
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(
+                worst <= 1e-5 * scale,
+                "checkpointing {layers}: {name} differs by {worst} (scale {scale})"
+            );
+        }
     }
 }
