@@ -165,7 +165,7 @@ pub struct Train {
     /// Format of the dataset files; `auto` detects it from the first row.
     pub data_format: DatasetFormat,
     /// Activation checkpointing: keep only each decoder layer's input and recompute the layer in the
-    /// backward pass, as transformers does (about 2.5x less memory for a third more time). `auto` is on
+    /// backward pass, as transformers does (several times less memory for a third more time). `auto` is on
     /// for GPUs and off on the CPU.
     pub checkpointing: Toggle,
     /// Validation loss every N optimizer steps. Default: 10 times over the run.
