@@ -58,13 +58,25 @@ pub struct Plan {
 
 /// llama.cpp's `LlamaModel.permute`: within each head, interleave the two rotary halves of the rows.
 pub fn permute_rows(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
+    move_rows(w, rows, cols, n_head, false)
+}
+
+/// The inverse of [`permute_rows`]: the rows of a llama.cpp Q/K tensor back in Hugging Face order.
+pub fn unpermute_rows(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
+    move_rows(w, rows, cols, n_head, true)
+}
+
+/// Row `j * half + i` of each head (Hugging Face order) is row `i * 2 + j` in llama.cpp's order;
+/// `inverse` moves rows the other way.
+fn move_rows(w: &[f32], rows: usize, cols: usize, n_head: usize, inverse: bool) -> Vec<f32> {
     let half = rows / n_head / 2;
     let mut out = vec![0f32; w.len()];
     for h in 0..n_head {
         for i in 0..half {
             for j in 0..2 {
-                let dst = (h * 2 * half + i * 2 + j) * cols;
-                let src = (h * 2 * half + j * half + i) * cols;
+                let permuted = (h * 2 * half + i * 2 + j) * cols;
+                let original = (h * 2 * half + j * half + i) * cols;
+                let (dst, src) = if inverse { (original, permuted) } else { (permuted, original) };
                 out[dst..dst + cols].copy_from_slice(&w[src..src + cols]);
             }
         }
@@ -113,22 +125,6 @@ pub fn transform_of(cfg: &ModelConfig, role: Role) -> Transform {
         r if r.is_norm() && cfg.arch.gguf_norms_plus_one() => Transform::PlusOne,
         _ => Transform::None,
     }
-}
-
-/// The inverse of [`permute_rows`]: the rows of a llama.cpp Q/K tensor back in Hugging Face order.
-pub fn unpermute_rows(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
-    let half = rows / n_head / 2;
-    let mut out = vec![0f32; w.len()];
-    for h in 0..n_head {
-        for i in 0..half {
-            for j in 0..2 {
-                let permuted = (h * 2 * half + i * 2 + j) * cols;
-                let original = (h * 2 * half + j * half + i) * cols;
-                out[original..original + cols].copy_from_slice(&w[permuted..permuted + cols]);
-            }
-        }
-    }
-    out
 }
 
 fn gguf_unsupported(reason: String) -> ExportError {
