@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use retort_model::burn::module::{Module as _, Param};
-use retort_model::burn::tensor::{Gradients, Int, Tensor, TensorData};
+use retort_model::burn::tensor::{GradientCheckpointingStrategy, Gradients, Int, Tensor, TensorData};
 use retort_model::{Batch, Transformer};
 
 use crate::loss::{label_positions, nll_of};
@@ -182,10 +182,20 @@ fn layer_by_layer(
 }
 
 /// A tensor of the inner backend back on the model's autodiff device, untracked, with the model's
-/// gradient-checkpointing strategy (burn refuses to combine tensors of two strategies).
+/// gradient-checkpointing strategy.
 fn onto_graph<const D: usize>(model: &Transformer, t: Tensor<D>) -> Tensor<D> {
-    let t = Tensor::from_inner(t);
-    match model.embed.val().gradient_checkpointing_strategy() {
+    with_strategy(t, model.embed.val().gradient_checkpointing_strategy())
+}
+
+/// A tensor of the inner backend on the autodiff device with `strategy`: `from_inner` alone gives the
+/// default (none), and burn refuses to combine tensors of two strategies, so a checkpointed device's
+/// tensors must all carry its strategy.
+fn with_strategy<const D: usize>(
+    inner: Tensor<D>,
+    strategy: Option<GradientCheckpointingStrategy>,
+) -> Tensor<D> {
+    let t = Tensor::from_inner(inner);
+    match strategy {
         Some(s) => t.with_gradient_checkpointing_strategy(s),
         None => t,
     }
@@ -250,14 +260,14 @@ pub fn apply(
         let strategy = t.gradient_checkpointing_strategy();
         let flat = t.inner().reshape([-1]);
         let new = opt.update(name, flat, g.clone(), lr).reshape(shape);
-        Param::from_mapped_value(id, tracked(new, strategy), mapper)
+        Param::from_mapped_value(id, with_strategy(new, strategy).require_grad(), mapper)
     };
     let update1 = |name: &str, p: Param<Tensor<1>>, opt: &mut AdamW| -> Param<Tensor<1>> {
         let Some(g) = grads.get(name) else { return p };
         let (id, t, mapper) = p.consume();
         let strategy = t.gradient_checkpointing_strategy();
         let new = opt.update(name, t.inner(), g.clone(), lr);
-        Param::from_mapped_value(id, tracked(new, strategy), mapper)
+        Param::from_mapped_value(id, with_strategy(new, strategy).require_grad(), mapper)
     };
     model.map_linears(&mut |site, mut lin| {
         if let Some(mut l) = lin.lora.take() {
@@ -269,21 +279,6 @@ pub fn apply(
         }
         lin
     })
-}
-
-/// An updated adapter weight back on the autodiff device, with the gradient-checkpointing strategy
-/// the old one had: `from_inner` alone gives the default (none), and burn refuses to combine tensors
-/// of two strategies, so a checkpointed run would fail at its second step.
-fn tracked<const D: usize>(
-    inner: Tensor<D>,
-    strategy: Option<retort_model::burn::tensor::GradientCheckpointingStrategy>,
-) -> Tensor<D> {
-    let t = Tensor::from_inner(inner);
-    let t = match strategy {
-        Some(s) => t.with_gradient_checkpointing_strategy(s),
-        None => t,
-    };
-    t.require_grad()
 }
 
 /// Runs the step. `model` must live on an autodiff device with trainable adapters. `seed` makes
