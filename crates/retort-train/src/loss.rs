@@ -5,6 +5,7 @@
 use retort_model::Transformer;
 use retort_model::burn::tensor::activation::log_softmax;
 use retort_model::burn::tensor::{DType, Int, Tensor, TensorData};
+use retort_model::memory::HEAD_CHUNK_BYTES;
 
 /// No loss for this label.
 pub const IGNORE: i64 = -100;
@@ -25,19 +26,35 @@ pub fn label_positions(labels: &[i64], rows: usize, len: usize) -> (Vec<i64>, Ve
     (pos, tgt)
 }
 
+/// The label positions and their labels (see [`label_positions`]) in chunks whose f32 logits take at
+/// most `chunk_bytes` for a vocabulary of `vocab` (at least one position a chunk).
+pub fn label_chunks(
+    labels: &[i64],
+    rows: usize,
+    len: usize,
+    vocab: usize,
+    chunk_bytes: usize,
+) -> Vec<(Vec<i64>, Vec<i64>)> {
+    let (pos, tgt) = label_positions(labels, rows, len);
+    let chunk = (chunk_bytes / (vocab * 4)).max(1);
+    pos.chunks(chunk).zip(tgt.chunks(chunk)).map(|(p, t)| (p.to_vec(), t.to_vec())).collect()
+}
+
 /// Sum of the negative log-likelihoods of the label tokens (a `[1]` tensor, f32) given the final
-/// hidden states `[rows, len, hidden]`. Returns `None` when the batch has no label tokens.
+/// hidden states `[rows, len, hidden]`, the logits computed one chunk of positions at a time
+/// ([`HEAD_CHUNK_BYTES`]). Returns `None` when the batch has no label tokens.
 pub fn nll_sum(model: &Transformer, hidden: Tensor<3>, labels: &[i64]) -> Option<Tensor<1>> {
     let [rows, len, h] = hidden.dims();
-    let (pos, tgt) = label_positions(labels, rows, len);
-    if pos.is_empty() {
-        return None;
-    }
-    let n = pos.len();
     let device = hidden.device();
-    let pos = Tensor::<1, Int>::from_data(TensorData::new(pos, [n]), &device);
-    let selected = hidden.reshape([rows * len, h]).select(0, pos).reshape([1, n, h]);
-    Some(nll_of(model, selected, tgt))
+    let flat = hidden.reshape([rows * len, h]);
+    label_chunks(labels, rows, len, model.config.vocab_size, HEAD_CHUNK_BYTES)
+        .into_iter()
+        .map(|(pos, tgt)| {
+            let n = pos.len();
+            let pos = Tensor::<1, Int>::from_data(TensorData::new(pos, [n]), &device);
+            nll_of(model, flat.clone().select(0, pos).reshape([1, n, h]), tgt)
+        })
+        .reduce(|a, b| a + b)
 }
 
 /// Sum of the negative log-likelihoods of `targets` given the final hidden states of the positions

@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use retort_data::{ChatTemplate, PrepareOptions, PrepareReport, Row, Tokenizer, collate, prepare};
 use retort_io::Progress;
+use retort_model::burn::module::Module as _;
 use retort_model::burn::tensor::Device;
 use retort_model::memory::{MemoryEstimate, TrainShape};
 use retort_model::{Batch, Precision, Transformer};
@@ -501,6 +502,8 @@ fn micro_batch(rows: &[&Row]) -> MicroBatch {
 
 /// Mean validation loss per label token.
 pub fn val_loss(model: &Transformer, val: &[Row], micro_batch_size: usize) -> Option<f64> {
+    // Without autodiff: a forward that is never differentiated must not record a graph.
+    let model = &model.valid();
     let mut sum = 0f64;
     let mut count = 0usize;
     for chunk in val.chunks(micro_batch_size.max(1)) {
@@ -509,7 +512,7 @@ pub fn val_loss(model: &Transformer, val: &[Row], micro_batch_size: usize) -> Op
         count += mb.label_tokens();
         let hidden = model.hidden(&mb.batch, None);
         if let Some(nll) = nll_sum(model, hidden, &mb.labels) {
-            let v: f32 = nll.inner().into_scalar();
+            let v: f32 = nll.into_scalar();
             sum += f64::from(v);
         }
     }

@@ -8,7 +8,7 @@ use retort_model::burn::module::{Module as _, Param};
 use retort_model::burn::tensor::{GradientCheckpointingStrategy, Gradients, Int, Tensor, TensorData};
 use retort_model::{Batch, Transformer};
 
-use crate::loss::{label_positions, nll_of};
+use crate::loss::{label_chunks, label_positions, nll_of};
 use crate::optim::{AdamW, clip};
 
 /// A micro-batch: the model input and its labels (`[rows * len]`, -100 for none).
@@ -218,21 +218,17 @@ fn head_in_chunks(
     grads: &mut BTreeMap<String, Tensor<1>>,
 ) -> Option<(f64, Tensor<3>)> {
     let [rows, len, h] = x.dims();
-    let (pos, tgt) = label_positions(labels, rows, len);
-    if pos.is_empty() {
-        return None;
-    }
+    let chunks = label_chunks(labels, rows, len, model.config.vocab_size, chunk_bytes);
     let x = onto_graph(model, x).require_grad();
     let device = x.device();
-    let chunk = (chunk_bytes / (model.config.vocab_size * 4)).max(1);
     let mut value = 0f64;
     let mut upstream: Option<Tensor<3>> = None;
-    for (p, t) in pos.chunks(chunk).zip(tgt.chunks(chunk)) {
+    for (p, t) in chunks {
         let n = p.len();
-        let idx = Tensor::<1, Int>::from_data(TensorData::new(p.to_vec(), [n]), &device);
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(p, [n]), &device);
         let selected = x.clone().reshape([rows * len, h]).select(0, idx).reshape([1, n, h]);
         let selected = if norm { model.final_norm(selected) } else { selected };
-        let loss = nll_of(model, selected, t.to_vec()).div_scalar(total as f64);
+        let loss = nll_of(model, selected, t).div_scalar(total as f64);
         value += f64::from(loss.clone().into_scalar::<f32>());
         let g = loss.backward();
         collect(model, &g, grads);
