@@ -41,12 +41,20 @@ fi
 export RETORT_LOG_FORMAT=${RETORT_LOG_FORMAT:-json}
 
 # retort must receive SIGTERM itself (pre-emption, `systemctl stop`, pod eviction) to checkpoint and exit 4,
-# so it runs in the background and this shell forwards the signal.
+# so it runs in the background and this shell forwards the signal. The trap is set before retort starts
+# (a signal in between would otherwise kill this shell with 143 and orphan retort); one that arrives
+# before retort's pid is known is remembered and forwarded right after.
+child='' pending=''
+forward() { if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null; else pending=1; fi; }
+trap forward TERM INT
 # shellcheck disable=SC2086
 "$RETORT_BIN" run "$RECIPE" ${RETORT_ARGS:-} &
 child=$!
-trap 'kill -TERM "$child" 2>/dev/null' TERM INT
+[ -n "$pending" ] && kill -TERM "$child" 2>/dev/null
+# `wait` returns early (status > 128) when a trapped signal arrives; wait again while retort runs. Once it
+# is gone, one more `wait` gives its own status (bash keeps it), also when the signal cut the last wait
+# short just as retort exited.
+wait "$child"
+while kill -0 "$child" 2>/dev/null; do wait "$child"; done
 wait "$child"; code=$?
-# `wait` returns early (status > 128) when a trapped signal arrives; wait again for retort's own code.
-while kill -0 "$child" 2>/dev/null; do wait "$child"; code=$?; done
 exit "$code"

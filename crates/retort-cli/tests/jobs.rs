@@ -14,7 +14,8 @@ fn script() -> PathBuf {
 }
 
 /// A fake `retort` that records its arguments, exits with `FAKE_EXIT` when set, and otherwise waits
-/// until SIGTERM, then exits 4 as retort does after checkpointing.
+/// until SIGTERM, then exits 4 as retort does after checkpointing (taking its `sleep` along, which would
+/// otherwise hold the test's stderr pipe open for a minute).
 fn setup() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("repo");
@@ -23,8 +24,8 @@ fn setup() -> (tempfile::TempDir, PathBuf) {
     std::fs::write(
         &fake,
         "#!/usr/bin/env bash\necho \"$*|$RETORT_LOG_FORMAT\" > \"$RETORT_REPO/args\"\n\
-         trap 'exit 4' TERM\n[ -n \"${FAKE_EXIT:-}\" ] && exit \"$FAKE_EXIT\"\ntouch \"$RETORT_REPO/started\"\n\
-         sleep 60 & wait\n",
+         trap 'kill \"${s:-}\" 2>/dev/null; exit 4' TERM\n[ -n \"${FAKE_EXIT:-}\" ] && exit \"$FAKE_EXIT\"\n\
+         touch \"$RETORT_REPO/started\"\nsleep 60 & s=$!\nwait\n",
     )
     .unwrap();
     Command::new("chmod").arg("+x").arg(&fake).status().unwrap();
