@@ -15,6 +15,7 @@ pub mod builtin;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod gemv;
 pub mod generate;
 pub mod linear;
 mod load;

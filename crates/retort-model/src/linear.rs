@@ -57,6 +57,15 @@ impl Weight {
     }
 }
 
+/// `x W^T` for `x` `[m, in]` and `w` `[out, in]`: the decode kernel when it applies (a few rows, f32,
+/// CPU, no autodiff), else a matmul reading `w` transposed in place.
+pub(crate) fn project(x: &Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
+    match crate::gemv::project(x, w) {
+        Some(y) => y,
+        None => x.clone().matmul(w.clone().transpose()),
+    }
+}
+
 /// `y = x W^T + b`, plus an optional low-rank adapter.
 #[derive(Module, Debug)]
 pub struct Linear {
@@ -99,7 +108,7 @@ impl Linear {
         let w = self.weight.val();
         let out = w.dims()[0];
         let x2 = x.reshape([b * s, i]);
-        let y = x2.clone().matmul(w.clone().transpose());
+        let y = project(&x2, &w);
         let bias = self.bias.as_ref().map(|b| b.val());
         let y = match &bias {
             Some(bias) => y + bias.clone().reshape([1, out]),

@@ -300,7 +300,7 @@ impl Transformer {
                 let [b, s, h] = hidden.dims();
                 let w = self.embed.val();
                 let v = w.dims()[0];
-                hidden.reshape([b * s, h]).matmul(w.transpose()).reshape([b, s, v])
+                crate::linear::project(&hidden.reshape([b * s, h]), &w).reshape([b, s, v])
             }
         };
         match self.config.final_logit_softcap {
