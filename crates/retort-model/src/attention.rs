@@ -7,7 +7,9 @@
 
 use burn::module::Module;
 use burn::tensor::activation::softmax;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{DType, Device, Tensor};
 
 use crate::linear::Linear;
 use crate::norm::RmsNorm;
@@ -66,6 +68,18 @@ pub struct Attention {
     pub softcap: Option<f64>,
 }
 
+/// Whether the backend's fused attention computes this layer: on the CPU, in f32, without autodiff.
+///
+/// burn's CPU kernel computes the same thing as the decomposed form below (scores scaled after the
+/// matmul, soft-capping, the additive mask, softmax in f32) per head, in one pass over a score
+/// buffer it keeps in cache, instead of a dozen passes over a `[b, heads, s, t]` tensor allocated for
+/// each operation; grouped-query heads read their shared key and value head in place. Training keeps
+/// the decomposed form: autodiff records its operations, and its gradients are what the PEFT parity
+/// tests check. Other backends keep it until their fused kernels are measured on a GPU.
+fn fused_applies(q: &Tensor<4>) -> bool {
+    q.dtype() == DType::F32 && !q.is_autodiff() && q.device() == Device::flex()
+}
+
 fn heads(x: Tensor<3>, n: usize, d: usize) -> Tensor<4> {
     let [b, s, _] = x.dims();
     x.reshape([b, s, n, d])
@@ -118,6 +132,14 @@ impl Attention {
         let t = k.dims()[2];
         let rep = h / kvh;
         let dtype = q.dtype();
+        if fused_applies(&q) {
+            // [b, h, s, d] with keys and values [b, kvh, t, d]; the mask [b, 1, s, t] is broadcast over
+            // heads.
+            let opts = AttentionModuleOptions { scale: Some(self.scale), softcap: self.softcap, is_causal: false };
+            let out = attention(q, k, v, None, Some(mask.clone().reshape([b, 1, s, t])), opts);
+            let out = out.swap_dims(1, 2).reshape([b, s, h * d]);
+            return self.o.forward(out, train);
+        }
         // [b, kvh, rep, s, d] x [b, kvh, 1, d, t] -> [b, kvh, rep, s, t]
         let q = q.reshape([b, kvh, rep, s, d]);
         let k5 = k.reshape([b, kvh, 1, t, d]);
