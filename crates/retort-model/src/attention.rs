@@ -135,7 +135,8 @@ impl Attention {
         if fused_applies(&q) {
             // [b, h, s, d] with keys and values [b, kvh, t, d]; the mask [b, 1, s, t] is broadcast over
             // heads.
-            let opts = AttentionModuleOptions { scale: Some(self.scale), softcap: self.softcap, is_causal: false };
+            let opts =
+                AttentionModuleOptions { scale: Some(self.scale), softcap: self.softcap, is_causal: false };
             let out = attention(q, k, v, None, Some(mask.clone().reshape([b, 1, s, t])), opts);
             let out = out.swap_dims(1, 2).reshape([b, s, h * d]);
             return self.o.forward(out, train);

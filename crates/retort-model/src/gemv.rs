@@ -64,9 +64,7 @@ pub fn project_slices(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec
     } else {
         // A few parts per thread to even out the load; whole COLS blocks each.
         let per = n.div_ceil(threads * 4).div_ceil(COLS).max(16) * COLS;
-        yt.par_chunks_mut(per * m)
-            .enumerate()
-            .for_each(|(p, part)| rows_of(x, w, m, k, p * per, part));
+        yt.par_chunks_mut(per * m).enumerate().for_each(|(p, part)| rows_of(x, w, m, k, p * per, part));
     }
     if m == 1 {
         return yt;
@@ -88,12 +86,18 @@ fn rows_of(x: &[f32], w: &[f32], m: usize, k: usize, first: usize, out: &mut [f3
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
-            #[allow(unsafe_code, reason = "a target_feature function, called after checking the CPU has it")]
+            #[allow(
+                unsafe_code,
+                reason = "a target_feature function, called after checking the CPU has it"
+            )]
             // SAFETY: the CPU has AVX-512F; the operands' bounds were checked above.
             return unsafe { x86::rows_avx512(x, w, m, k, first, out) };
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            #[allow(unsafe_code, reason = "a target_feature function, called after checking the CPU has it")]
+            #[allow(
+                unsafe_code,
+                reason = "a target_feature function, called after checking the CPU has it"
+            )]
             // SAFETY: the CPU has AVX2 and FMA; the operands' bounds were checked above.
             return unsafe { x86::rows_avx2(x, w, m, k, first, out) };
         }
@@ -271,7 +275,14 @@ mod x86 {
     /// # Safety
     /// The CPU has AVX-512F; operands as `rows_of` checked them.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn rows_avx512(x: &[f32], w: &[f32], m: usize, k: usize, first: usize, out: &mut [f32]) {
+    pub(super) unsafe fn rows_avx512(
+        x: &[f32],
+        w: &[f32],
+        m: usize,
+        k: usize,
+        first: usize,
+        out: &mut [f32],
+    ) {
         // SAFETY: forwarded from the caller.
         unsafe { rows::<Avx512>(x, w, m, k, first, out) }
     }
@@ -316,7 +327,9 @@ mod tests {
     fn matches_a_float64_reference_on_ragged_shapes() {
         // Rows not multiples of the row block, features not multiples of the column block, inner sizes
         // with and without a lane tail; some large enough to take the threaded path.
-        for &(m, k, n) in &[(1, 1, 1), (1, 17, 5), (3, 33, 7), (5, 64, 9), (8, 100, 130), (16, 768, 96), (2, 300, 700)] {
+        for &(m, k, n) in
+            &[(1, 1, 1), (1, 17, 5), (3, 33, 7), (5, 64, 9), (8, 100, 130), (16, 768, 96), (2, 300, 700)]
+        {
             let x = random(m * k, (m * 31 + k) as u64);
             let w = random(n * k, (n * 17 + k) as u64);
             let y = project_slices(&x, &w, m, k, n);
@@ -336,13 +349,16 @@ mod tests {
         let w = Tensor::<2>::random([1000, 200], Distribution::Default, &device);
         let ours = project(&x, &w).expect("f32 CPU tensors with 6 rows qualify");
         let theirs = x.clone().matmul(w.clone().transpose());
-        let (a, b) = (ours.into_data().try_to_vec::<f32>().unwrap(), theirs.into_data().try_to_vec::<f32>().unwrap());
+        let (a, b) =
+            (ours.into_data().try_to_vec::<f32>().unwrap(), theirs.into_data().try_to_vec::<f32>().unwrap());
         for (p, q) in a.iter().zip(&b) {
             assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()), "{p} vs {q}");
         }
         // Too many rows, a non-contiguous weight view, another dtype, autodiff: all left to matmul.
         assert!(project(&Tensor::<2>::zeros([MAX_ROWS + 1, 200], &device), &w).is_none());
-        assert!(project(&x, &w.clone().transpose().transpose().slice([0..200, 0..100]).transpose()).is_none());
+        assert!(
+            project(&x, &w.clone().transpose().transpose().slice([0..200, 0..100]).transpose()).is_none()
+        );
         assert!(project(&x.clone().cast(DType::F16), &w.clone().cast(DType::F16)).is_none());
         let ad = device.clone().autodiff();
         let xa = Tensor::<2>::random([2, 200], Distribution::Default, &ad).require_grad();
