@@ -57,6 +57,9 @@ print(f"{'tokens/s':24s}{r['tokens_per_s']:12.1f}{p['tokens_per_s']:12.1f}"
 print(f"{'seconds/step':24s}{r['seconds_per_step']:12.2f}{p['seconds_per_step']:12.2f}")
 print(f"{'peak RSS (GiB)':24s}{gib(r['peak_rss_bytes']):12.2f}{gib(p['peak_rss_bytes']):12.2f}"
       f"{r['peak_rss_bytes'] / p['peak_rss_bytes']:9.2f}x  <= 0.7")
+t_err = r["predicted_seconds_per_step"] / r["seconds_per_step"] - 1
+print(f"plan's predicted step time {r['predicted_seconds_per_step']:.2f} s vs retort's {r['seconds_per_step']:.2f} s "
+      f"({t_err:+.0%})")
 err = r["predicted_bytes"] / r["peak_rss_bytes"] - 1
 print(f"plan's predicted memory {gib(r['predicted_bytes']):.2f} GiB vs retort's peak "
       f"{gib(r['peak_rss_bytes']):.2f} GiB: {err:+.1%}  (goal within 15%)")

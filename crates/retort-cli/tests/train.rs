@@ -81,6 +81,18 @@ fn plan_prints_the_shape_and_trains_nothing() {
     let out = text(&o);
     assert!(out.contains("steps          6"), "{out}");
     assert!(out.contains("train.jsonl: 24 rows as `messages`, 0 skipped"), "{out}");
+    // The step time is measured on stand-ins of the base, and the run's time follows from it.
+    assert!(out.contains("time           about "), "{out}");
+    let o = retort(tmp.path(), &["--log-format", "json", "train", "r.toml", "--plan"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let t = &v["plan"]["step_time"];
+    let (step, one, per) = (
+        t["seconds_per_step"].as_f64().unwrap(),
+        t["one_layer_s"].as_f64().unwrap(),
+        t["per_layer_s"].as_f64().unwrap(),
+    );
+    assert!(one > 0.0 && per > 0.0 && step >= one, "{t}");
     assert!(!tmp.path().join("out/train").exists(), "--plan wrote a run directory");
 }
 

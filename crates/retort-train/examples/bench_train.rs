@@ -145,10 +145,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             dtype_bytes: 4,
         },
     );
+    // What `retort train --plan` would predict for this step (run after the timed steps, so its
+    // stand-ins do not change the peak above).
+    let step_time = retort_train::probe::measure(
+        &retort_hf::ModelConfig::load(Path::new(dir))?,
+        &spec,
+        retort_train::probe::ProbeShape {
+            batch: mb.batch.rows,
+            seq: mb.batch.len,
+            accum: 1,
+            checkpointing,
+            nf4: None,
+        },
+        Precision::F32,
+        &device,
+    )?;
     println!(
         "{}",
         serde_json::json!({
             "impl": "retort",
+            "predicted_seconds_per_step": step_time.seconds_per_step,
+            "predicted_step_time": step_time,
             "threads": std::env::var("RAYON_NUM_THREADS").ok(),
             "checkpointing": checkpointing,
             "tokens": tokens,

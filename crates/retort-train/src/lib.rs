@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod loss;
 pub mod optim;
 pub mod plot;
+pub mod probe;
 pub mod run;
 pub mod schedule;
 pub mod step;

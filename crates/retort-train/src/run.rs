@@ -191,6 +191,8 @@ pub struct Plan {
     pub memory: MemoryEstimate,
     /// FLOPs of one epoch (forward and backward through the frozen base and the adapters).
     pub flops_per_epoch: f64,
+    /// Step time, when measured ([`crate::probe`]; `retort train --plan` does).
+    pub step_time: Option<crate::probe::StepTime>,
 }
 
 /// How a run ended without an error.
@@ -447,6 +449,7 @@ pub fn plan(
         // Forward 2 FLOPs per weight per token, backward 2 more for activation gradients (frozen
         // weights need no weight gradients), plus a recomputed forward with checkpointing.
         flops_per_epoch: tokens as f64 * params * if checkpointing { 6.0 } else { 4.0 },
+        step_time: None,
     }
 }
 

@@ -49,7 +49,12 @@ pub fn run(
         let data =
             retort_train::run::load_data(&recipe, &layout, &tok, &template).map_err(|e| train_error(&e))?;
         let config = retort_hf::ModelConfig::load(&base.dir).map_err(|e| CliError::input(e.to_string()))?;
-        let plan = retort_train::run::plan(&recipe, &data, &config, device.gpu, precision);
+        let mut plan = retort_train::run::plan(&recipe, &data, &config, device.gpu, precision);
+        ui.status("timing", "training steps of 1- and 2-layer stand-ins of the base (random weights)");
+        plan.step_time = Some(
+            retort_train::probe::for_recipe(&recipe, &config, plan.checkpointing, precision, &device.device)
+                .map_err(|e| train_error(&e))?,
+        );
         if ui.json {
             ui.stdout_line(&serde_json::json!({"plan": plan, "train_data": data.train_report}).to_string());
         } else {
@@ -164,6 +169,19 @@ fn fmt_loss(l: Option<f64>) -> String {
     l.map_or_else(|| "-".into(), |v| format!("{v:.4}"))
 }
 
+/// Seconds as people read them: 0.42 s, 12.3 s, 4 min 10 s, 2 h 05 min.
+fn secs(s: f64) -> String {
+    if s < 10.0 {
+        format!("{s:.2} s")
+    } else if s < 60.0 {
+        format!("{s:.1} s")
+    } else if s < 3600.0 {
+        format!("{} min {:02} s", (s / 60.0) as u64, (s % 60.0) as u64)
+    } else {
+        format!("{} h {:02} min", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64)
+    }
+}
+
 fn print_plan(ui: &Ui, p: &Plan, device: &str, precision: Precision) {
     let m = &p.memory;
     ui.stdout_line(&format!(
@@ -172,7 +190,7 @@ fn print_plan(ui: &Ui, p: &Plan, device: &str, precision: Precision) {
          tokens         {} per epoch, {} with loss\n\
          device         {device} in {precision:?}, activation checkpointing {}\n\
          memory         about {} (weights {}, adapters+AdamW {}, activations {}, logits {})\n\
-         compute        {:.3} PFLOP per epoch",
+         compute        {:.3} PFLOP per epoch{}",
         p.total_steps,
         p.steps_per_epoch,
         p.rows,
@@ -187,6 +205,13 @@ fn print_plan(ui: &Ui, p: &Plan, device: &str, precision: Precision) {
         gib(m.adapters),
         gib(m.activations),
         gib(m.logits),
-        p.flops_per_epoch / 1e15
+        p.flops_per_epoch / 1e15,
+        p.step_time.map_or(String::new(), |t| format!(
+            "\ntime           about {} per step, {} for the run (timed: {} for a 1-layer stand-in, {} per layer)",
+            secs(t.seconds_per_step),
+            secs(t.seconds_per_step * p.total_steps as f64),
+            secs(t.one_layer_s),
+            secs(t.per_layer_s),
+        ))
     ));
 }
