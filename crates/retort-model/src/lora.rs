@@ -56,8 +56,10 @@ impl Lora {
         let a = self.a.val();
         let b = self.b.val();
         let xd = self.dropout_input(x32.clone(), train);
+        // The scale multiplies the rank-wide intermediate, not the output: `out / r` times less work
+        // (and autodiff keeps a smaller tensor for the backward).
         let lora =
-            xd.clone().matmul(a.clone().transpose()).matmul(b.clone().transpose()).mul_scalar(self.scale);
+            xd.clone().matmul(a.clone().transpose()).mul_scalar(self.scale).matmul(b.clone().transpose());
         let y = match &self.magnitude {
             None => base32 + lora,
             Some(m) => {
