@@ -75,9 +75,20 @@ pub struct Attention {
 /// buffer it keeps in cache, instead of a dozen passes over a `[b, heads, s, t]` tensor allocated for
 /// each operation; grouped-query heads read their shared key and value head in place. Training keeps
 /// the decomposed form: autodiff records its operations, and its gradients are what the PEFT parity
-/// tests check. Other backends keep it until their fused kernels are measured on a GPU.
+/// tests check. Other backends keep it until their fused kernels are measured on a GPU. (Training on
+/// the CPU records the fused form as one operation instead: `attention_grad`.)
 fn fused_applies(q: &Tensor<4>) -> bool {
     q.dtype() == DType::F32 && !q.is_autodiff() && q.device() == Device::flex()
+}
+
+/// `out`, made NaN when `q` or `k` holds a NaN or infinity. burn's fused kernel skips NaN scores (a row
+/// of them comes out as zeros), which would hide a diverged step from the guard that skips
+/// non-finite losses; the decomposed form propagates them. Adds `0 x (sum q + sum k)`: exactly zero
+/// for finite inputs, NaN otherwise, for a reduction over tensors `s / head_dim` times smaller than
+/// the scores.
+fn nan_through(out: Tensor<4>, q: &Tensor<4>, k: &Tensor<4>) -> Tensor<4> {
+    let poison = (q.clone().sum() + k.clone().sum()).mul_scalar(0.0);
+    out + poison.reshape([1, 1, 1, 1])
 }
 
 fn heads(x: Tensor<3>, n: usize, d: usize) -> Tensor<4> {
@@ -132,13 +143,26 @@ impl Attention {
         let t = k.dims()[2];
         let rep = h / kvh;
         let dtype = q.dtype();
+        if let Some(out) = crate::attention_grad::attention_recorded(
+            &q,
+            &k,
+            &v,
+            &mask.clone().reshape([b, 1, s, t]),
+            self.scale,
+            self.softcap,
+        ) {
+            // Training on the CPU: fused forward, closed-form backward (`attention_grad`).
+            let out = nan_through(out, &q, &k).swap_dims(1, 2).reshape([b, s, h * d]);
+            return self.o.forward(out, train);
+        }
         if fused_applies(&q) {
             // [b, h, s, d] with keys and values [b, kvh, t, d]; the mask [b, 1, s, t] is broadcast over
             // heads.
             let opts =
                 AttentionModuleOptions { scale: Some(self.scale), softcap: self.softcap, is_causal: false };
-            let out = attention(q, k, v, None, Some(mask.clone().reshape([b, 1, s, t])), opts);
-            let out = out.swap_dims(1, 2).reshape([b, s, h * d]);
+            let out =
+                attention(q.clone(), k.clone(), v, None, Some(mask.clone().reshape([b, 1, s, t])), opts);
+            let out = nan_through(out, &q, &k).swap_dims(1, 2).reshape([b, s, h * d]);
             return self.o.forward(out, train);
         }
         // [b, kvh, rep, s, d] x [b, kvh, 1, d, t] -> [b, kvh, rep, s, t]

@@ -10,6 +10,7 @@
 
 pub mod alloc;
 pub mod attention;
+pub mod attention_grad;
 pub mod batch;
 pub mod builtin;
 pub mod device;

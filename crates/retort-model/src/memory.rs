@@ -45,6 +45,9 @@ pub struct TrainShape {
     pub checkpointing: bool,
     /// Bytes per value of the base weights and activations: 4 for f32 (the CPU), 2 for bf16/f16.
     pub dtype_bytes: usize,
+    /// Attention recorded as one operation (`attention_grad`: f32 on the CPU), which keeps no
+    /// `[heads, s, s]` tensor between forward and backward, instead of the decomposed form.
+    pub fused_attention: bool,
 }
 
 /// Estimates peak training memory of a model.
@@ -78,9 +81,11 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     // normalised values and its output (the projections' input); attention keeps q and k after RoPE,
     // v and its output (o_proj's input); the gated MLP keeps gate, its sigmoid, the activation, up and
     // their product (down_proj's input). In f32 whatever the dtype: the softmax's exponentials and the
-    // probabilities of eager attention, and each adapter's `x A^T` (7 projections).
+    // probabilities of decomposed attention, and each adapter's `x A^T` (7 projections).
+    let scores = s.batch as f64 * heads * (s.seq as f64).powi(2) * 4.0;
+    let kept_scores = if s.fused_attention { 0.0 } else { 2.0 * scores };
     let per_layer = tokens * (6.0 * h + 2.0 * q + 2.0 * kv + 5.0 * ff) * b
-        + 2.0 * s.batch as f64 * heads * (s.seq as f64).powi(2) * 4.0
+        + kept_scores
         + 7.0 * tokens * s.rank as f64 * 4.0;
     // Plus, during the backward pass, one layer's worth of gradients of those tensors (and, with
     // checkpointing, the one layer recomputed at a time).
@@ -89,6 +94,9 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     } else {
         (c.num_layers + 1) as f64 * per_layer
     };
+    // The fused attention's backward recomputes the probabilities of one layer and holds them with
+    // their gradient and the softmax's (three score-sized tensors), for that layer only.
+    let activations = activations + if s.fused_attention { 3.0 * scores } else { 0.0 };
     // f32 logits, their log-softmax (kept) and its gradient, for one chunk of label positions.
     let logits = (tokens * c.vocab_size as f64 * 4.0).min(HEAD_CHUNK_BYTES as f64) * 3.0;
     MemoryEstimate { weights, adapters, activations, logits }
@@ -106,8 +114,15 @@ mod tests {
             std::path::Path::new("config.json"),
         )
         .unwrap();
-        let shape =
-            TrainShape { batch: 1, seq: 2048, rank: 16, nf4: false, checkpointing: true, dtype_bytes: 2 };
+        let shape = TrainShape {
+            batch: 1,
+            seq: 2048,
+            rank: 16,
+            nf4: false,
+            checkpointing: true,
+            dtype_bytes: 2,
+            fused_attention: false,
+        };
         let bf16 = estimate(&c, shape);
         let nf4 = estimate(&c, TrainShape { nf4: true, ..shape });
         // 8B in bf16 is ~16 GB of weights; NF4 linears bring it near 5 GB (embeddings stay 16-bit).
@@ -122,5 +137,10 @@ mod tests {
             e.activations - 33.0 * (2.0 * 32.0 * 2048f64.powi(2) * 4.0 + 7.0 * 2048.0 * 16.0 * 4.0)
         };
         assert!((f32_only(&f32) / f32_only(&full) - 2.0).abs() < 1e-9);
+        // Fused attention keeps no score-sized tensor per layer: 33 layers' worth become three
+        // transient ones.
+        let fused = estimate(&c, TrainShape { fused_attention: true, checkpointing: false, ..shape });
+        let scores = 32.0 * 2048f64.powi(2) * 4.0;
+        assert!((full.activations - fused.activations - (33.0 * 2.0 - 3.0) * scores).abs() < 1.0);
     }
 }

@@ -143,6 +143,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             nf4: false,
             checkpointing,
             dtype_bytes: 4,
+            fused_attention: true,
         },
     );
     // What `retort train --plan` would predict for this step (run after the timed steps, so its

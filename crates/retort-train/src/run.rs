@@ -430,6 +430,8 @@ pub fn plan(
             nf4: recipe.base.quantize == retort_recipe::schema::project::Quantize::Nf4,
             checkpointing,
             dtype_bytes: precision.dtype().size(),
+            // What `retort_model::attention_grad` records: f32 on the CPU.
+            fused_attention: !gpu && precision.dtype() == retort_model::burn::tensor::DType::F32,
         },
     );
     let tokens = data.train_report.pack.tokens;

@@ -42,6 +42,7 @@ pub fn run(ui: &Ui, cmd: InspectCommand) -> anyhow::Result<Exit> {
                                 nf4: *nf4,
                                 checkpointing: true,
                                 dtype_bytes: 2,
+                                fused_attention: false,
                             },
                         ),
                     )
