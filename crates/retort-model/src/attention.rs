@@ -7,9 +7,7 @@
 
 use burn::module::Module;
 use burn::tensor::activation::softmax;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{DType, Tensor};
 
 use crate::linear::Linear;
 use crate::norm::RmsNorm;
@@ -66,19 +64,6 @@ pub struct Attention {
     pub scale: f64,
     /// Soft-cap of the scores (Gemma 2).
     pub softcap: Option<f64>,
-}
-
-/// Whether the backend's fused attention computes this layer: on the CPU, in f32, without autodiff.
-///
-/// burn's CPU kernel computes the same thing as the decomposed form below (scores scaled after the
-/// matmul, soft-capping, the additive mask, softmax in f32) per head, in one pass over a score
-/// buffer it keeps in cache, instead of a dozen passes over a `[b, heads, s, t]` tensor allocated for
-/// each operation; grouped-query heads read their shared key and value head in place. Training keeps
-/// the decomposed form: autodiff records its operations, and its gradients are what the PEFT parity
-/// tests check. Other backends keep it until their fused kernels are measured on a GPU. (Training on
-/// the CPU records the fused form as one operation instead: `attention_grad`.)
-fn fused_applies(q: &Tensor<4>) -> bool {
-    q.dtype() == DType::F32 && !q.is_autodiff() && q.device() == Device::flex()
 }
 
 /// `out`, made NaN when `q` or `k` holds a NaN or infinity. burn's fused kernel skips NaN scores (a row
@@ -143,25 +128,10 @@ impl Attention {
         let t = k.dims()[2];
         let rep = h / kvh;
         let dtype = q.dtype();
-        if let Some(out) = crate::attention_grad::attention_recorded(
-            &q,
-            &k,
-            &v,
-            &mask.clone().reshape([b, 1, s, t]),
-            self.scale,
-            self.softcap,
-        ) {
-            // Training on the CPU: fused forward, closed-form backward (`attention_grad`).
-            let out = nan_through(out, &q, &k).swap_dims(1, 2).reshape([b, s, h * d]);
-            return self.o.forward(out, train);
-        }
-        if fused_applies(&q) {
-            // [b, h, s, d] with keys and values [b, kvh, t, d]; the mask [b, 1, s, t] is broadcast over
-            // heads.
-            let opts =
-                AttentionModuleOptions { scale: Some(self.scale), softcap: self.softcap, is_causal: false };
-            let out =
-                attention(q.clone(), k.clone(), v, None, Some(mask.clone().reshape([b, 1, s, t])), opts);
+        let mask4 = mask.clone().reshape([b, 1, s, t]);
+        if let Some(out) = crate::attention_grad::fused(&q, &k, &v, &mask4, self.scale, self.softcap) {
+            // One pass per head over a cache-sized score buffer instead of a dozen passes over
+            // `[b, heads, s, t]` tensors; recorded as one operation under autodiff (`attention_grad`).
             let out = nan_through(out, &q, &k).swap_dims(1, 2).reshape([b, s, h * d]);
             return self.o.forward(out, train);
         }

@@ -1,4 +1,4 @@
-//! Training attention on the CPU: burn's fused forward with a backward written here.
+//! Attention on the CPU through burn's fused kernel; for training, with a backward written here.
 //!
 //! Recorded by autodiff, the decomposed attention (matmul, scale, soft-cap, mask, the five operations
 //! of a softmax, matmul) keeps several `[b, heads, s, t]` tensors per layer and runs each operation's
@@ -57,9 +57,11 @@ fn plain(t: FlexTensor) -> Tensor<4> {
 }
 
 /// `softmax(scale q k^T (soft-capped) + mask) v` for `q` `[b, h, s, d]`, `k`/`v` `[b, kv_heads, t, d]`
-/// and `mask` `[b, 1, s, t]`, recorded for autodiff as one operation. `None` unless the tensors are
-/// f32 CPU tensors recorded by autodiff; the caller then computes the decomposed form.
-pub fn attention_recorded(
+/// and `mask` `[b, 1, s, t]` by burn's fused CPU kernel: as it is without autodiff, recorded as one
+/// operation with the backward above under autodiff. `None` unless the tensors are f32 on the CPU; the
+/// caller then computes the decomposed form (other backends keep it until their fused kernels are
+/// measured on a GPU).
+pub fn fused(
     q: &Tensor<4>,
     k: &Tensor<4>,
     v: &Tensor<4>,
@@ -67,8 +69,12 @@ pub fn attention_recorded(
     scale: f64,
     softcap: Option<f64>,
 ) -> Option<Tensor<4>> {
-    if q.dtype() != DType::F32 || !q.is_autodiff() || q.device() != Device::flex() {
+    if q.dtype() != DType::F32 || q.device() != Device::flex() {
         return None;
+    }
+    let opts = AttentionModuleOptions { scale: Some(scale), softcap, is_causal: false };
+    if !q.is_autodiff() {
+        return Some(attention(q.clone(), k.clone(), v.clone(), None, Some(mask.clone()), opts));
     }
     let (qp, qg) = q.clone().try_into_primitive::<Ad>().ok()?.into_parts();
     let (kp, kg) = k.clone().try_into_primitive::<Ad>().ok()?.into_parts();
@@ -77,7 +83,6 @@ pub fn attention_recorded(
         Ok(m) => m.into_primitive(),
         Err(_) => mask.clone().try_into_primitive::<Flex>().ok()?,
     };
-    let opts = AttentionModuleOptions { scale: Some(scale), softcap, is_causal: false };
     let out = attention(
         plain(qp.clone()),
         plain(kp.clone()),
@@ -190,12 +195,11 @@ mod tests {
             let k0 = Tensor::<4>::random([b, kvh, t, d], Distribution::Normal(0.0, 1.0), &device);
             let v0 = Tensor::<4>::random([b, kvh, t, d], Distribution::Normal(0.0, 1.0), &device);
             let w = Tensor::<4>::random([b, h, s, d], Distribution::Normal(0.0, 1.0), &device);
-            let run = |fused: bool| {
+            let run = |ours: bool| {
                 let (q, k, v) =
                     (q0.clone().require_grad(), k0.clone().require_grad(), v0.clone().require_grad());
-                let out = if fused {
-                    attention_recorded(&q, &k, &v, &mask, 0.35, cap)
-                        .expect("f32 autodiff CPU tensors qualify")
+                let out = if ours {
+                    fused(&q, &k, &v, &mask, 0.35, cap).expect("f32 autodiff CPU tensors qualify")
                 } else {
                     decomposed(q.clone(), k.clone(), v.clone(), mask.clone(), 0.35, cap)
                 };
@@ -218,13 +222,11 @@ mod tests {
     }
 
     #[test]
-    fn declines_tensors_without_autodiff() {
+    fn declines_other_dtypes() {
         let device = Device::flex();
-        let x = Tensor::<4>::zeros([1, 2, 3, 4], &device);
+        let x = Tensor::<4>::zeros([1, 2, 3, 4], &device).cast(DType::F16);
+        let kv = x.clone().narrow(1, 0, 1);
         let mask = Tensor::<4>::zeros([1, 1, 3, 3], &device);
-        assert!(
-            attention_recorded(&x, &x.clone().narrow(1, 0, 1), &x.clone().narrow(1, 0, 1), &mask, 1.0, None)
-                .is_none()
-        );
+        assert!(fused(&x, &kv, &kv, &mask, 1.0, None).is_none());
     }
 }
