@@ -332,12 +332,33 @@ mod tests {
         {
             let x = random(m * k, (m * 31 + k) as u64);
             let w = random(n * k, (n * 17 + k) as u64);
-            let y = project_slices(&x, &w, m, k, n);
             let r = reference(&x, &w, m, k, n);
-            for (idx, (a, b)) in y.iter().zip(&r).enumerate() {
-                // f32 accumulation of k products of magnitude <= 1: error grows like sqrt(k) eps.
-                let tol = 1e-6 * (k as f64).sqrt() * (1.0 + b.abs());
-                assert!((f64::from(*a) - b).abs() <= tol, "m={m} k={k} n={n} at {idx}: {a} vs {b}");
+            let check = |what: &str, y: &[f32]| {
+                for (idx, (a, b)) in y.iter().zip(&r).enumerate() {
+                    // f32 accumulation of k products of magnitude <= 1: error grows like sqrt(k) eps.
+                    let tol = 1e-6 * (k as f64).sqrt() * (1.0 + b.abs());
+                    assert!(
+                        (f64::from(*a) - b).abs() <= tol,
+                        "{what} m={m} k={k} n={n} at {idx}: {a} vs {b}"
+                    );
+                }
+            };
+            check("dispatched", &project_slices(&x, &w, m, k, n));
+            // Every kernel this CPU can run, not only the one dispatch picks (`[n, m]` layout).
+            let transposed = |rows: &dyn Fn(&mut [f32])| -> Vec<f32> {
+                let mut yt = vec![0.0f32; n * m];
+                rows(&mut yt);
+                (0..m * n).map(|e| yt[(e % n) * m + e / n]).collect()
+            };
+            check("portable", &transposed(&|out| rows_portable(&x, &w, m, k, 0, out)));
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                #[allow(
+                    unsafe_code,
+                    reason = "a target_feature function, called after checking the CPU has it"
+                )]
+                // SAFETY: the CPU has AVX2 and FMA; the buffers have the kernel's shapes.
+                check("avx2", &transposed(&|out| unsafe { x86::rows_avx2(&x, &w, m, k, 0, out) }));
             }
         }
     }
