@@ -93,6 +93,19 @@ pub fn select(choice: Choice) -> Result<Selected, ModelError> {
     }
 }
 
+/// The device named by the environment variable `var` (`cpu` when it is unset or empty; otherwise
+/// anything `train.device` accepts: `wgpu`, `cuda:1`, `auto`). The parity suites run on it, so one test
+/// binary checks the CPU and, with `RETORT_TEST_DEVICE=wgpu`, the GPU code path (CI: lavapipe).
+pub fn from_env(var: &str) -> Result<Selected, ModelError> {
+    let value = std::env::var(var).unwrap_or_default();
+    if value.trim().is_empty() {
+        return Ok(cpu());
+    }
+    let choice: Choice =
+        value.parse().map_err(|e| ModelError::Input(format!("environment variable {var}={value:?}: {e}")))?;
+    select(choice)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +121,11 @@ mod tests {
         // auto never fails: without a GPU it is the CPU.
         let a = select(Choice::Auto).unwrap();
         assert!(a.gpu || a.name == "cpu");
+    }
+
+    #[test]
+    fn the_environment_names_the_test_device() {
+        // A variable name no one sets: unset means the CPU.
+        assert_eq!(from_env("RETORT_TEST_DEVICE_UNSET_IN_THIS_TEST").unwrap().name, "cpu");
     }
 }

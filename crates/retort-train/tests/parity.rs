@@ -4,6 +4,8 @@
 //! Tolerances (the issue's): loss within 1e-5; every adapter gradient within 1e-4 relative to the
 //! largest gradient of its tensor; updated weights within 1e-5; a 20-step loss curve within 1e-3. Both
 //! sides compute in f32 and differ only in summation order.
+//!
+//! Runs on the device `RETORT_TEST_DEVICE` names (the CPU when unset; CI also runs it on wgpu/lavapipe).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
 
@@ -11,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use retort_hf::Checkpoint;
-use retort_model::burn::tensor::{DType, Device, Tensor};
+use retort_model::burn::tensor::{DType, Tensor};
 use retort_model::{Batch, Precision, Transformer};
 use retort_train::optim::clip;
 use retort_train::step::{gradients, param_names};
@@ -30,7 +32,7 @@ fn base() -> PathBuf {
 }
 
 fn model(variant: &str) -> Transformer {
-    let device = Device::flex().autodiff();
+    let device = retort_model::device::from_env("RETORT_TEST_DEVICE").unwrap().device.autodiff();
     let (m, _) = Transformer::load(&base(), Precision::F32, &device).unwrap();
     let (m, _) = retort_lora::load_adapter(m, &fixtures().join(variant).join("initial")).unwrap();
     m
