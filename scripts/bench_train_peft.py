@@ -1,11 +1,16 @@
 """The PyTorch + PEFT side of `scripts/bench_train.sh`: the same training steps as retort's
 `bench_train` example, printed as the same JSON fields.
 
-    python scripts/bench_train_peft.py MODEL_DIR BATCH_JSON WARMUP STEPS THREADS
+    python scripts/bench_train_peft.py MODEL_DIR BATCH_JSON WARMUP STEPS THREADS [--profile]
+        [--checkpointing] [--device cpu|cuda] [--precision f32|bf16] [--nf4]
 
 transformers' LlamaForCausalLM in f32 (sdpa attention), PEFT LoRA r=16 alpha=32 on all linear layers,
 dropout 0, torch AdamW (lr 1e-4, eps 1e-8, no weight decay), gradients clipped at global norm 1.0, one
 fixed batch with every token a label. Peak RSS is the process's VmHWM.
+
+For `scripts/bench_gpu.sh`: `--device cuda` runs on the GPU and adds torch's peak allocated and reserved
+device bytes; `--precision bf16` loads the base in bf16 (PEFT keeps the adapters in f32, as retort does);
+`--nf4` is QLoRA through bitsandbytes (NF4, double quantization, bf16 compute), as PEFT users run it.
 """
 
 from __future__ import annotations
@@ -33,18 +38,33 @@ def reset_peak() -> None:
 def main() -> None:
     model_dir, batch_path, warmup, steps, threads = sys.argv[1:6]
     warmup, steps, threads = int(warmup), int(steps), int(threads)
-    profile = "--profile" in sys.argv[6:]
-    checkpointing = "--checkpointing" in sys.argv[6:]
+    rest = sys.argv[6:]
+    profile = "--profile" in rest
+    checkpointing = "--checkpointing" in rest
+    nf4 = "--nf4" in rest
+    device = rest[rest.index("--device") + 1] if "--device" in rest else "cpu"
+    precision = rest[rest.index("--precision") + 1] if "--precision" in rest else "f32"
 
     import peft
     import torch
     import transformers
 
     torch.set_num_threads(threads)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[precision]
     t = time.perf_counter()
+    extra = {}
+    if nf4:
+        extra["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
     model = transformers.LlamaForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="sdpa"
+        model_dir, dtype=dtype, attn_implementation="sdpa", device_map=device, **extra
     )
+    # No `prepare_model_for_kbit_training`: it upcasts every unquantized weight (embeddings, lm_head,
+    # norms) to f32, which would only make the peer slower and bigger.
     cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", bias="none")
     if checkpointing:
         # Per decoder layer, as PEFT users enable it; non-reentrant so LoRA inputs need no grad hook.
@@ -55,7 +75,7 @@ def main() -> None:
     rss_loaded = status_bytes("VmRSS:")
 
     with open(batch_path) as f:
-        ids = torch.tensor(json.load(f)["ids"], dtype=torch.long)
+        ids = torch.tensor(json.load(f)["ids"], dtype=torch.long, device=device)
     tokens = ids.numel()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -75,8 +95,15 @@ def main() -> None:
     t = time.perf_counter()
     for _ in range(steps):
         step()
-    s_per_step = (time.perf_counter() - t) / max(steps, 1)
+    s_per_step = (time.perf_counter() - t) / max(steps, 1)  # `.item()` waited for each step's GPU work
     peak_rss = status_bytes("VmHWM:")  # before the profile resets it
+    gpu = None
+    if device != "cpu":
+        gpu = {
+            "name": torch.cuda.get_device_name(),
+            "max_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "max_reserved_bytes": torch.cuda.max_memory_reserved(),
+        }
 
     split = None
     if profile:
@@ -112,6 +139,10 @@ def main() -> None:
         json.dumps(
             {
                 "impl": "peft",
+                "device": device,
+                "precision": precision,
+                "nf4": nf4,
+                "gpu": gpu,
                 "threads": threads,
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
                 "tokens": tokens,

@@ -1,19 +1,26 @@
-//! LoRA training throughput for `scripts/bench_train.sh`: a model directory on the CPU in f32, LoRA
-//! r=16 alpha=32 on every linear layer (dropout 0), AdamW lr 1e-4, clipping at 1.0, `warmup` untimed
-//! and `steps` timed optimizer steps of one fixed batch. Prints one JSON object. Not a test: timings
-//! vary.
+//! LoRA training throughput for `scripts/bench_train.sh` (CPU) and `scripts/bench_gpu.sh`: a model
+//! directory, LoRA r=16 alpha=32 on every linear layer (dropout 0), AdamW lr 1e-4, clipping at 1.0,
+//! `warmup` untimed and `steps` timed optimizer steps of one fixed batch. Prints one JSON object. Not a
+//! test: timings vary.
 //!
 //!   bench_train MODEL_DIR BATCH_JSON WARMUP STEPS [--profile] [--checkpointing]
+//!               [--device cpu|wgpu:N|cuda:N] [--precision f32|bf16|f16] [--nf4] [--no-probe]
 //!
 //! `--profile` adds one more step taken apart: forward to the loss, backward (gradients minus forward),
-//! and clipping plus AdamW. `--checkpointing` recomputes each layer in the backward pass.
+//! and clipping plus AdamW. `--checkpointing` recomputes each layer in the backward pass. `--device`
+//! defaults to the CPU and `--precision` (of the frozen base; adapters and optimizer state stay f32) to
+//! f32. `--nf4` quantizes the base's projections to NF4 with double quantization (QLoRA).
+//! `--no-probe` skips timing the plan's stand-in steps after the run.
 
 #![allow(clippy::print_stdout, reason = "a benchmark reports on stdout")]
+#![allow(
+    clippy::print_stderr,
+    reason = "progress goes to stderr, so a run cut short still says how far it got"
+)]
 
 use std::path::Path;
 use std::time::Instant;
 
-use retort_model::burn::tensor::Device;
 use retort_model::memory::{TrainShape, estimate};
 use retort_model::{Batch, Precision, Transformer};
 use retort_recipe::schema::lora::{Target, Variant};
@@ -63,10 +70,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (warmup, steps): (usize, usize) = (warmup.parse()?, steps.parse()?);
     let profile = rest.iter().any(|a| a == "--profile");
     let checkpointing = rest.iter().any(|a| a == "--checkpointing");
-
-    let device = Device::flex().autodiff();
+    let nf4 = rest.iter().any(|a| a == "--nf4");
+    let probe = !rest.iter().any(|a| a == "--no-probe");
+    let value = |flag: &str| rest.iter().position(|a| a == flag).and_then(|i| rest.get(i + 1));
+    let choice: retort_recipe::types::Device = value("--device")
+        .map_or(Ok(retort_recipe::types::Device::Cpu), |d| d.parse())
+        .map_err(|e| e.to_string())?;
+    let precision = match value("--precision").map(String::as_str) {
+        None | Some("f32") => Precision::F32,
+        Some("bf16") => Precision::Bf16,
+        Some("f16") => Precision::F16,
+        Some(other) => return Err(format!("--precision {other}: use f32, bf16 or f16").into()),
+    };
+    let selected = retort_model::device::select(choice)?;
+    let plain = selected.device.clone();
+    let device = plain.clone().autodiff();
     let t = Instant::now();
-    let (model, _) = Transformer::load(Path::new(dir), Precision::F32, &device)?;
+    let (model, _) = if nf4 {
+        retort_lora::qlora::load_quantized(Path::new(dir), precision, &device, true)?
+    } else {
+        Transformer::load(Path::new(dir), precision, &device)?
+    };
     let spec = retort_lora::AdapterSpec {
         r: 16,
         alpha: 32.0,
@@ -84,8 +108,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 });
     let mut losses = Vec::new();
+    eprintln!("bench_train: loaded in {load_s:.1}s on {}", selected.name);
     let mut step = |model: Transformer, opt: &mut AdamW| {
+        let t = Instant::now();
         let (model, stats) = train_step(model, opt, micro, LR, MAX_GRAD_NORM, 0);
+        eprintln!(
+            "bench_train: step {}: loss {:.5} in {:.2}s",
+            losses.len(),
+            stats.loss,
+            t.elapsed().as_secs_f64()
+        );
         losses.push(stats.loss);
         model
     };
@@ -99,6 +131,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let timed_s = t.elapsed().as_secs_f64();
     let s_per_step = timed_s / steps.max(1) as f64;
     let peak_rss = status_bytes("VmHWM:"); // before `--profile` resets it
+    let pool = plain.memory_pool_usage();
 
     let mut split = serde_json::Value::Null;
     if profile {
@@ -140,32 +173,42 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             batch: mb.batch.rows,
             seq: mb.batch.len,
             rank: spec.r,
-            nf4: false,
+            nf4,
             checkpointing,
-            dtype_bytes: 4,
+            dtype_bytes: match precision {
+                Precision::F32 => 4,
+                Precision::F16 | Precision::Bf16 => 2,
+            },
             fused_attention: true,
         },
     );
     // What `retort train --plan` would predict for this step (run after the timed steps, so its
     // stand-ins do not change the peak above).
-    let step_time = retort_train::probe::measure(
-        &retort_hf::ModelConfig::load(Path::new(dir))?,
-        &spec,
-        retort_train::probe::ProbeShape {
-            batch: mb.batch.rows,
-            seq: mb.batch.len,
-            accum: 1,
-            checkpointing,
-            nf4: None,
-        },
-        Precision::F32,
-        &device,
-    )?;
+    let step_time = if probe {
+        Some(retort_train::probe::measure(
+            &retort_hf::ModelConfig::load(Path::new(dir))?,
+            &spec,
+            retort_train::probe::ProbeShape {
+                batch: mb.batch.rows,
+                seq: mb.batch.len,
+                accum: 1,
+                checkpointing,
+                nf4: nf4.then_some(true),
+            },
+            precision,
+            &device,
+        )?)
+    } else {
+        None
+    };
     println!(
         "{}",
         serde_json::json!({
             "impl": "retort",
-            "predicted_seconds_per_step": step_time.seconds_per_step,
+            "device": selected.name,
+            "precision": format!("{precision:?}").to_lowercase(),
+            "nf4": nf4,
+            "predicted_seconds_per_step": step_time.as_ref().map(|t| t.seconds_per_step),
             "predicted_step_time": step_time,
             "threads": std::env::var("RAYON_NUM_THREADS").ok(),
             "checkpointing": checkpointing,
@@ -176,6 +219,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "seconds_per_step": s_per_step,
             "tokens_per_s": tokens as f64 / s_per_step,
             "peak_rss_bytes": peak_rss,
+            "device_bytes_in_use": pool.as_ref().map(|p| p.bytes_in_use),
+            "device_bytes_reserved": pool.as_ref().map(|p| p.bytes_reserved),
             "rss_after_load_bytes": rss_loaded,
             "predicted_bytes": est.total(),
             "predicted": est,

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# GPU LoRA and QLoRA benchmark: retort (burn on wgpu, Vulkan with the SPIR-V compiler) against PyTorch +
+# PEFT (CUDA, sdpa attention; bitsandbytes for QLoRA) on the same GPU, in one run. Needs an NVIDIA GPU,
+# nvidia-smi, the Vulkan loader and a Python with torch, transformers and peft (bitsandbytes for the
+# QLoRA peer: without it that row is skipped and says so).
+#
+#   scripts/bench_gpu.sh
+#
+# For each SHAPE (default "1b 3b 8b": random weights of Llama-3.2-1B, Llama-3.2-3B and Llama-3.1-8B's
+# shapes, since nothing is downloaded) and each MODE (default "lora qlora"): one fixed batch of ROWS x SEQ
+# tokens (default 4 x 2048, every token a label), LoRA r=16 alpha=32 on every linear layer, AdamW lr 1e-4,
+# clipping at 1.0, activation checkpointing per layer on both sides (CHECKPOINTING=0 turns it off), base
+# in bf16 (lora) or NF4 with double quantization and bf16 compute (qlora), adapters and optimizer state
+# in f32 on both sides. WARMUP untimed steps (default 2: the first one compiles and autotunes kernels),
+# then STEPS timed steps (default 3).
+#
+# Printed per row: tokens/s; peak device memory as nvidia-smi saw it for the process (sampled every
+# 100 ms, minus what was in use before it started: the same meter for both sides, so CUDA context and
+# allocator caches count alike); MFU; the step-0 loss of each side (same weights and batch, B = 0 at
+# the start, so they must agree to bf16 rounding). MFU counts the model FLOPs of a step with a frozen
+# base: 2N forward + 2N backward (input gradients only; frozen weights get none) per token for the N
+# parameters of the linear layers and the LM head, plus 12 L S d for attention scores; checkpointing's
+# recomputation is not counted. Peak: PEAK_TFLOPS (default 989, the H100/H200 SXM dense bf16 datasheet
+# figure).
+#
+# BENCH_TRAIN=path uses a prebuilt `bench_train` example (built with `--features retort-model/vulkan`);
+# otherwise it is built here. RETORT_DEVICE (default wgpu:0) is where retort runs, PEFT_DEVICE (default
+# cuda) where PyTorch does. WORK=dir keeps the
+# models there (default: a temporary directory; each shape's model is deleted after its rows). Results
+# are also written as JSON lines to RESULTS (default $WORK/results.jsonl). RUN_TIMEOUT=seconds bounds
+# each process (a row then says so instead of its numbers). SKIP_PEFT=1 runs retort's side alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+SHAPES=${SHAPES:-"1b 3b 8b"}
+MODES=${MODES:-"lora qlora"}
+SEQ=${SEQ:-2048}
+ROWS=${ROWS:-4}
+WARMUP=${WARMUP:-2}
+STEPS=${STEPS:-3}
+CHECKPOINTING=${CHECKPOINTING:-1}
+RETORT_DEVICE=${RETORT_DEVICE:-wgpu:0}
+PEFT_DEVICE=${PEFT_DEVICE:-cuda}
+PEAK_TFLOPS=${PEAK_TFLOPS:-989}
+RUN_TIMEOUT=${RUN_TIMEOUT:-0} # seconds for each side's process (0: none)
+if [ -z "${WORK:-}" ]; then
+    WORK=$(mktemp -d)
+    trap 'rm -rf "$WORK"' EXIT # the 8B model alone is 16 GB
+fi
+RESULTS=${RESULTS:-$WORK/results.jsonl}
+: >"$RESULTS"
+
+if [ -z "${BENCH_TRAIN:-}" ]; then
+    echo "== retort (release build, Vulkan)"
+    cargo build --release --quiet -p retort-train --example bench_train --features retort-model/vulkan
+    BENCH_TRAIN=${CARGO_TARGET_DIR:-$PWD/target}/release/examples/bench_train
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+
+# Runs "$@", prints its stdout (one JSON object), and appends {"peak_device_bytes": ...} measured by
+# sampling nvidia-smi while it ran.
+with_peak() {
+    local log=$WORK/smi.log base pid rc=0 out
+    base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$log" &
+    pid=$!
+    out=$(timeout "$RUN_TIMEOUT" "$@") || rc=$?
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    [ "$rc" = 0 ] || { echo "{\"error\": \"exit $rc$([ "$rc" = 124 ] && echo ": over RUN_TIMEOUT")\"}"; return 0; }
+    local peak
+    peak=$(sort -n "$log" | tail -1)
+    "$PYTHON" -c 'import json,sys; d=json.loads(sys.argv[1]); d["peak_device_bytes"]=(int(sys.argv[2])-int(sys.argv[3]))*2**20; print(json.dumps(d))' \
+        "$out" "${peak:-$base}" "$base"
+}
+
+CK=()
+[ "$CHECKPOINTING" = 1 ] && CK=(--checkpointing)
+for shape in $SHAPES; do
+    echo "== $shape: model (random weights, bf16) and batch $ROWS x $SEQ"
+    "$PYTHON" scripts/make_bench_model.py "$WORK/$shape" --shape "$shape" --rows "$ROWS" --seq "$SEQ" \
+        --dtype bfloat16 --device "$PEFT_DEVICE" 2>/dev/null
+    for mode in $MODES; do
+        NF4=()
+        [ "$mode" = qlora ] && NF4=(--nf4)
+        echo "== $shape $mode: retort on $RETORT_DEVICE"
+        R=$(with_peak "$BENCH_TRAIN" "$WORK/$shape/model" "$WORK/$shape/batch.json" "$WARMUP" "$STEPS" \
+            --device "$RETORT_DEVICE" --precision bf16 --no-probe "${CK[@]}" "${NF4[@]}")
+        echo "$R"
+        echo "== $shape $mode: PyTorch + PEFT on $PEFT_DEVICE"
+        if [ "${SKIP_PEFT:-0}" = 1 ]; then
+            P='{"error": "skipped (SKIP_PEFT=1)"}'
+        elif [ "$mode" = qlora ] && ! "$PYTHON" -c 'import bitsandbytes' 2>/dev/null; then
+            P='{"error": "bitsandbytes is not installed"}'
+        else
+            P=$(with_peak "$PYTHON" scripts/bench_train_peft.py "$WORK/$shape/model" "$WORK/$shape/batch.json" \
+                "$WARMUP" "$STEPS" "$(nproc)" --device "$PEFT_DEVICE" --precision bf16 "${CK[@]}" "${NF4[@]}" 2>/dev/null)
+        fi
+        echo "$P"
+        "$PYTHON" -c 'import json,sys; print(json.dumps({"shape": sys.argv[1], "mode": sys.argv[2], "seq": int(sys.argv[6]), "config": json.load(open(sys.argv[3])), "retort": json.loads(sys.argv[4]), "peft": json.loads(sys.argv[5])}))' \
+            "$shape" "$mode" "$WORK/$shape/model/config.json" "$R" "$P" "$SEQ" >>"$RESULTS"
+    done
+    rm -rf "${WORK:?}/$shape"
+done
+
+"$PYTHON" - "$RESULTS" "$PEAK_TFLOPS" <<'PY'
+import json, sys
+peak = float(sys.argv[2]) * 1e12
+gib = lambda b: b / 2**30 if b else float("nan")
+
+def flops_per_token(c, seq):
+    h, i, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    hd = c.get("head_dim") or h // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    linear = L * (h * q + 2 * h * kv + q * h + 3 * h * i) + h * c["vocab_size"]
+    return 4 * linear + 12 * L * seq * q
+
+print(f"{'shape':6s}{'mode':7s}{'impl':8s}{'tokens/s':>10s}{'peak GiB':>10s}{'MFU':>7s}{'loss0':>10s}")
+for line in open(sys.argv[1]):
+    row = json.loads(line)
+    for name in ("retort", "peft"):
+        d = row[name]
+        if "error" in d:
+            print(f"{row['shape']:6s}{row['mode']:7s}{name:8s}  {d['error']}")
+            continue
+        fpt = flops_per_token(row["config"], row["seq"])
+        mfu = d["tokens_per_s"] * fpt / peak
+        print(f"{row['shape']:6s}{row['mode']:7s}{name:8s}{d['tokens_per_s']:10.0f}{gib(d['peak_device_bytes']):10.2f}"
+              f"{mfu:7.1%}{d['losses'][0]:10.4f}")
+    r, p = row["retort"], row["peft"]
+    if "error" not in r and "error" not in p:
+        print(f"{'':21s}ratio {r['tokens_per_s'] / p['tokens_per_s']:.2f}x tokens/s (goal >= 2 on QLoRA), "
+              f"{r['peak_device_bytes'] / p['peak_device_bytes']:.2f}x memory (goal <= 0.5 on QLoRA), "
+              f"|loss0 diff| {abs(r['losses'][0] - p['losses'][0]):.1e}")
+PY

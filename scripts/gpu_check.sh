@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything to run on a machine with a GPU, in one go: the model and LoRA parity suites on the GPU
+# (RETORT_TEST_DEVICE, default wgpu: Vulkan with the SPIR-V compiler), then scripts/bench_gpu.sh.
+#
+#   scripts/gpu_check.sh
+#
+# Where the GPU machine has no Rust toolchain, build on another x86-64 Linux machine and bring the
+# executables (their fixture paths are compiled in: the repository must sit at the same path there,
+# or a link to it):
+#   cargo test --release --no-run -p retort-model -p retort-train --features retort-model/vulkan --test parity
+#   cargo build --release -p retort-train --example bench_train --features retort-model/vulkan
+# and pass PARITY_BINS="path/to/parity-A path/to/parity-B" and BENCH_TRAIN=path/to/bench_train.
+# SKIP_TESTS=1 or SKIP_BENCH=1 leaves one part out; TEST_TIMEOUT=seconds bounds each prebuilt suite.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export RETORT_TEST_DEVICE=${RETORT_TEST_DEVICE:-wgpu}
+status=0
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    echo "== parity suites on $RETORT_TEST_DEVICE"
+    if [ -n "${PARITY_BINS:-}" ]; then
+        for bin in $PARITY_BINS; do
+            timeout "${TEST_TIMEOUT:-0}" "$bin" --test-threads 1 || status=1
+        done
+    else
+        cargo test --release --locked -p retort-model -p retort-train --features retort-model/vulkan \
+            --test parity -- --test-threads 1 || status=1
+    fi
+fi
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+    scripts/bench_gpu.sh || status=1
+fi
+exit $status
