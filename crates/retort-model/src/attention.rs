@@ -126,8 +126,6 @@ impl Attention {
             *slot = Some(LayerCache { k: k.clone(), v: v.clone() });
         }
         let t = k.dims()[2];
-        let rep = h / kvh;
-        let dtype = q.dtype();
         let mask4 = mask.clone().reshape([b, 1, s, t]);
         if let Some(out) = crate::attention_grad::fused(&q, &k, &v, &mask4, self.scale, self.softcap) {
             // One pass per head over a cache-sized score buffer instead of a dozen passes over
@@ -135,19 +133,118 @@ impl Attention {
             let out = nan_through(out, &q, &k).swap_dims(1, 2).reshape([b, s, h * d]);
             return self.o.forward(out, train);
         }
-        // [b, kvh, rep, s, d] x [b, kvh, 1, d, t] -> [b, kvh, rep, s, t]
-        let q = q.reshape([b, kvh, rep, s, d]);
-        let k5 = k.reshape([b, kvh, 1, t, d]);
-        let v5 = v.reshape([b, kvh, 1, t, d]);
-        let mut scores = q.matmul(k5.swap_dims(3, 4)).mul_scalar(self.scale);
-        if let Some(cap) = self.softcap {
+        let out = decomposed(q, k, v, mask, self.scale, self.softcap, SCORE_CHUNK_BYTES);
+        let out = out.swap_dims(1, 2).reshape([b, s, h * d]);
+        self.o.forward(out, train)
+    }
+}
+
+/// The decomposed attention (GPUs, and the CPU where the fused kernel does not apply) computes the f32
+/// scores of at most this many bytes at once: a block of query rows at a time. GPU APIs cap one buffer
+/// (wgpu on an H200 refused a 2 GiB one: the scores of 4 x 2048 tokens of a 32-head 1B model), and a
+/// bounded block keeps the softmax's temporaries small. Autodiff still keeps every block's
+/// probabilities for the backward, so the memory of a training step is the same.
+pub const SCORE_CHUNK_BYTES: usize = 256 << 20;
+
+/// Attention of `q` (`[b, heads, s, d]`) over `k` and `v` (`[b, kv_heads, t, d]`) with the additive
+/// `mask` (`[b, 1, 1, s, t]`), as transformers' eager attention computes it: `[b, heads, s, d]`. Query
+/// rows go in blocks whose f32 scores take at most `chunk_bytes` (at least one row a block).
+pub fn decomposed(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: &Tensor<5>,
+    scale: f64,
+    softcap: Option<f64>,
+    chunk_bytes: usize,
+) -> Tensor<4> {
+    let [b, h, s, d] = q.dims();
+    let [_, kvh, t, _] = k.dims();
+    let rep = h / kvh;
+    let dtype = q.dtype();
+    // [b, kvh, rep, s, d] x [b, kvh, 1, d, t] -> [b, kvh, rep, s, t]
+    let q = q.reshape([b, kvh, rep, s, d]);
+    let kt = k.reshape([b, kvh, 1, t, d]).swap_dims(3, 4);
+    let v5 = v.reshape([b, kvh, 1, t, d]);
+    let rows = (chunk_bytes / (b * h * t * 4).max(1)).clamp(1, s.max(1));
+    let block = |q: Tensor<5>, mask: Tensor<5>| {
+        let mut scores = q.matmul(kt.clone()).mul_scalar(scale);
+        if let Some(cap) = softcap {
             scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
         }
         let scores = if dtype == DType::F32 { scores } else { scores.cast(DType::F32) };
-        let probs = softmax(scores + mask.clone(), 4);
+        let probs = softmax(scores + mask, 4);
         let probs = if dtype == DType::F32 { probs } else { probs.cast(dtype) };
-        let out = probs.matmul(v5); // [b, kvh, rep, s, d]
-        let out = out.reshape([b, h, s, d]).swap_dims(1, 2).reshape([b, s, h * d]);
-        self.o.forward(out, train)
+        probs.matmul(v5.clone()) // [b, kvh, rep, rows, d]
+    };
+    let out = if rows >= s {
+        block(q, mask.clone())
+    } else {
+        let blocks = (0..s)
+            .step_by(rows)
+            .map(|start| {
+                let n = rows.min(s - start);
+                block(q.clone().narrow(3, start, n), mask.clone().narrow(3, start, n))
+            })
+            .collect();
+        Tensor::cat(blocks, 3)
+    };
+    out.reshape([b, h, s, d])
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Distribution, Tensor};
+
+    use super::*;
+
+    /// Query blocks give what one pass gives, forward and backward, with GQA, soft-capping, a padded
+    /// row and a block size that does not divide the sequence.
+    #[test]
+    fn query_blocks_match_one_pass() {
+        let device = burn::tensor::Device::flex().autodiff();
+        let (b, h, kvh, s, d) = (2, 4, 2, 7, 8);
+        let rand = |dims: [usize; 4]| {
+            Tensor::<4>::random(dims, Distribution::Normal(0.0, 1.0), &device).require_grad()
+        };
+        let (q, k, v) = (rand([b, h, s, d]), rand([b, kvh, s, d]), rand([b, kvh, s, d]));
+        // Causal, with row 1's first two positions padded out (as `mask` builds it: a large negative).
+        let mut m = vec![0f32; b * s * s];
+        for r in 0..b {
+            for i in 0..s {
+                for j in 0..s {
+                    if j > i || (r == 1 && j < 2) {
+                        m[(r * s + i) * s + j] = f32::MIN;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::<1>::from_floats(m.as_slice(), &device).reshape([b, 1, 1, s, s]);
+        let run = |chunk: usize| {
+            let out = decomposed(q.clone(), k.clone(), v.clone(), &mask, 0.3, Some(5.0), chunk);
+            // A fixed ramp weights the outputs, so every element has its own gradient.
+            let ramp = Tensor::<1>::from_floats(
+                (0..b * h * s * d).map(|i| ((i % 13) as f32) / 13.0).collect::<Vec<_>>().as_slice(),
+                &device,
+            )
+            .reshape([b, h, s, d]);
+            let grads = (out.clone() * ramp).sum().backward();
+            let g = |t: &Tensor<4>| t.grad(&grads).unwrap().into_data().try_to_vec::<f32>().unwrap();
+            (out.inner().into_data().try_to_vec::<f32>().unwrap(), g(&q), g(&k), g(&v))
+        };
+        // One pass; 3 query rows a block (7 = 3 + 3 + 1); one row a block.
+        let whole = run(usize::MAX / 2);
+        for rows in [3, 1] {
+            let part = run(rows * b * h * s * 4);
+            for (name, a, e) in [
+                ("out", &part.0, &whole.0),
+                ("dq", &part.1, &whole.1),
+                ("dk", &part.2, &whole.2),
+                ("dv", &part.3, &whole.3),
+            ] {
+                let diff = a.iter().zip(e).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                assert!(diff <= 1e-5, "{rows} rows a block: {name} differs by {diff}");
+            }
+        }
     }
 }
