@@ -73,14 +73,16 @@ impl AdamW {
     }
 }
 
-/// The global L2 norm of a set of gradients.
+/// The global L2 norm of a set of gradients, as torch's `clip_grad_norm_` computes it: the norm of the
+/// per-tensor norms, in f32, on the device, read back once (one read per tensor would wait on a GPU
+/// hundreds of times a step).
 pub fn global_norm(grads: &BTreeMap<String, Tensor<1>>) -> f64 {
-    let mut total = 0f64;
-    for g in grads.values() {
-        let s: f32 = g.clone().square().sum().into_scalar();
-        total += f64::from(s);
+    let norms: Vec<Tensor<1>> = grads.values().map(|g| g.clone().square().sum().sqrt()).collect();
+    if norms.is_empty() {
+        return 0.0;
     }
-    total.sqrt()
+    let total: f32 = Tensor::cat(norms, 0).square().sum().sqrt().into_scalar();
+    f64::from(total)
 }
 
 /// Scales gradients so their global norm is at most `max_norm` (torch's `clip_grad_norm_`: the factor

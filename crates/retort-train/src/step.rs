@@ -221,7 +221,8 @@ fn head_in_chunks(
     let chunks = label_chunks(labels, rows, len, model.config.vocab_size, chunk_bytes);
     let x = onto_graph(model, x).require_grad();
     let device = x.device();
-    let mut value = 0f64;
+    // The loss is summed on the device and read once: a read per chunk would wait on a GPU each time.
+    let mut value: Option<Tensor<1>> = None;
     let mut upstream: Option<Tensor<3>> = None;
     for (p, t) in chunks {
         let n = p.len();
@@ -229,7 +230,11 @@ fn head_in_chunks(
         let selected = x.clone().reshape([rows * len, h]).select(0, idx).reshape([1, n, h]);
         let selected = if norm { model.final_norm(selected) } else { selected };
         let loss = nll_of(model, selected, t).div_scalar(total as f64);
-        value += f64::from(loss.clone().into_scalar::<f32>());
+        let detached = loss.clone().inner();
+        value = Some(match value {
+            Some(v) => v + detached,
+            None => detached,
+        });
         let g = loss.backward();
         collect(model, &g, grads);
         let gx = x.grad(&g)?.inner();
@@ -238,6 +243,7 @@ fn head_in_chunks(
             None => gx,
         });
     }
+    let value = f64::from(value?.into_scalar::<f32>());
     Some((value, upstream?))
 }
 
