@@ -9,12 +9,23 @@
 # or a link to it):
 #   cargo test --release --no-run -p retort-model -p retort-train --features retort-model/vulkan --test parity
 #   cargo build --release -p retort-train --example bench_train --features retort-model/vulkan
-# and pass PARITY_BINS="path/to/parity-A path/to/parity-B" and BENCH_TRAIN=path/to/bench_train.
+# and pass PARITY_BINS="path/to/parity-A path/to/parity-B" and BENCH_TRAIN=path/to/bench_train; or
+# pack them with scripts/gpu_bundle.sh and pass BUNDLE=its output folder.
 # SKIP_TESTS=1 or SKIP_BENCH=1 leaves one part out; TEST_TIMEOUT=seconds bounds each prebuilt suite.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export RETORT_TEST_DEVICE=${RETORT_TEST_DEVICE:-wgpu}
 status=0
+if [ -n "${BUNDLE:-}" ]; then
+    unpacked=$(mktemp -d)
+    for f in "$BUNDLE"/*.xz; do
+        xz -dc "$f" >"$unpacked/$(basename "$f" .xz)"
+        chmod +x "$unpacked/$(basename "$f" .xz)"
+    done
+    BENCH_TRAIN=$unpacked/bench_train
+    PARITY_BINS=$(ls "$unpacked"/parity-*)
+    export BENCH_TRAIN
+fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
     echo "== parity suites on $RETORT_TEST_DEVICE"
     if [ -n "${PARITY_BINS:-}" ]; then
