@@ -1,11 +1,12 @@
 //! Attention masks: causal, plus padding (left-padded batches), packed segments (several examples in
 //! one row, no attention across them) and sliding windows, as one additive f32 tensor per layer kind.
 //!
-//! A fully masked row (a padding query) gets `f32::MIN`, as transformers masks, so it stays finite and
-//! averages every value as transformers' does. Any other masked score gets `-inf`: the probabilities
-//! are the same bits (`exp` of either, minus a finite row maximum, is exactly 0), but an `exp` of a
-//! huge finite negative number takes libm's underflow path, which cost ~9% of a CPU training step in
-//! burn's fused attention (`-inf` is a fast special case).
+//! A masked score gets `f32::MIN`, as transformers masks, so a fully masked row (a padding query) stays
+//! finite and averages every value as transformers' does. On the CPU, any other masked score gets
+//! `-inf`: the probabilities are the same bits (`exp` of either, minus a finite row maximum, is exactly
+//! 0), but an `exp` of a huge finite negative number takes libm's underflow path, 2.6% of a CPU training
+//! step in burn's fused attention (`-inf` is a fast special case). GPUs keep `f32::MIN`: their `exp` has
+//! no such path, and WGSL and Metal's fast math may assume that no value is infinite.
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
@@ -30,6 +31,7 @@ impl MaskSpec {
     pub fn build(&self, window: Option<usize>, device: &Device) -> Tensor<5> {
         let (b, q, k) = (self.batch, self.q_len, self.k_len);
         let offset = k - q;
+        let inf_where_possible = *device == Device::flex();
         let mut data = vec![0f32; b * q * k];
         for r in 0..b {
             for qi in 0..q {
@@ -48,7 +50,7 @@ impl MaskSpec {
                         *v = f32::MIN;
                     }
                 }
-                if any_visible {
+                if any_visible && inf_where_possible {
                     row.iter_mut().filter(|v| **v == f32::MIN).for_each(|v| *v = f32::NEG_INFINITY);
                 }
             }
@@ -64,8 +66,8 @@ mod tests {
 
     use super::*;
 
-    /// Padding queries keep `f32::MIN` rows; every other masked score is `-inf`; the softmax is the same,
-    /// bit for bit, as with transformers' all-`f32::MIN` mask.
+    /// On the CPU, padding queries keep `f32::MIN` rows and every other masked score is `-inf`; the
+    /// softmax is the same, bit for bit, as with transformers' all-`f32::MIN` mask.
     #[test]
     fn masked_scores_are_neg_inf_except_in_fully_masked_rows() {
         let device = Device::flex();
