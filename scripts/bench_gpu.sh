@@ -25,9 +25,8 @@
 #
 # BENCH_TRAIN=path uses a prebuilt `bench_train` example (built with `--features retort-model/vulkan`);
 # otherwise it is built here. RETORT_DEVICE (default wgpu:0) is where retort runs, PEFT_DEVICE (default
-# cuda) where PyTorch does. WORK=dir keeps the
-# models there (default: a temporary directory; each shape's model is deleted after its rows). Results
-# are also written as JSON lines to RESULTS (default $WORK/results.jsonl). RUN_TIMEOUT=seconds bounds
+# cuda) where PyTorch does. WORK=dir keeps the models there (default: a temporary directory; each
+# shape's model is deleted after its rows). Results are also written as JSON lines to RESULTS (default $WORK/results.jsonl). RUN_TIMEOUT=seconds bounds
 # each process (a row then says so instead of its numbers). SKIP_PEFT=1 runs retort's side alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."

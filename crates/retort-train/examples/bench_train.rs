@@ -175,10 +175,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             rank: spec.r,
             nf4,
             checkpointing,
-            dtype_bytes: match precision {
-                Precision::F32 => 4,
-                Precision::F16 | Precision::Bf16 => 2,
-            },
+            dtype_bytes: precision.dtype().size(),
             fused_attention: true,
         },
     );
