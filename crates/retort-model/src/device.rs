@@ -31,6 +31,11 @@ impl Selected {
     }
 }
 
+/// True when `device` (with or without autodiff) is the CPU backend.
+pub fn is_cpu(device: &Device) -> bool {
+    *device == Device::flex()
+}
+
 fn cpu() -> Selected {
     Selected { device: Device::flex(), name: "cpu".into(), gpu: false }
 }

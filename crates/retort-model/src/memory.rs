@@ -7,8 +7,21 @@
 
 use retort_hf::ModelConfig;
 
-/// Training computes the LM head's f32 logits this many bytes at a time (a chunk of label positions).
+/// Training computes the LM head's f32 logits this many bytes at a time (a chunk of label positions)
+/// on the CPU: a chunk's logits, log-softmax and gradient stay near the caches.
 pub const HEAD_CHUNK_BYTES: usize = 32 << 20;
+
+/// The same on a GPU. Each chunk reads the whole LM head weight forward and backward (0.5 GiB for a
+/// 128k-vocabulary bf16 head of width 2048) in a matmul of a chunk's positions: at 32 MiB that is 65
+/// positions, a thin matmul and 250 weight reads per 8k-token micro-batch; at 512 MiB, 16 reads of
+/// 1,046 positions for 1.5 GiB of f32 logits, log-softmax and gradient at once.
+pub const GPU_HEAD_CHUNK_BYTES: usize = 512 << 20;
+
+/// The LM-head chunk for training on `device`: [`HEAD_CHUNK_BYTES`] on the CPU,
+/// [`GPU_HEAD_CHUNK_BYTES`] elsewhere.
+pub fn head_chunk_bytes(device: &burn::tensor::Device) -> usize {
+    if crate::device::is_cpu(device) { HEAD_CHUNK_BYTES } else { GPU_HEAD_CHUNK_BYTES }
+}
 
 /// Bytes by category.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -48,6 +61,8 @@ pub struct TrainShape {
     /// Attention recorded as one operation (`attention_grad`: f32 on the CPU), which keeps no
     /// `[heads, s, s]` tensor between forward and backward, instead of the decomposed form.
     pub fused_attention: bool,
+    /// Bytes of f32 logits computed at once ([`head_chunk_bytes`] of the device).
+    pub head_chunk_bytes: usize,
 }
 
 /// Estimates peak training memory of a model.
@@ -98,7 +113,7 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     // their gradient and the softmax's (three score-sized tensors), for that layer only.
     let activations = activations + if s.fused_attention { 3.0 * scores } else { 0.0 };
     // f32 logits, their log-softmax (kept) and its gradient, for one chunk of label positions.
-    let logits = (tokens * c.vocab_size as f64 * 4.0).min(HEAD_CHUNK_BYTES as f64) * 3.0;
+    let logits = (tokens * c.vocab_size as f64 * 4.0).min(s.head_chunk_bytes as f64) * 3.0;
     MemoryEstimate { weights, adapters, activations, logits }
 }
 
@@ -122,6 +137,7 @@ mod tests {
             checkpointing: true,
             dtype_bytes: 2,
             fused_attention: false,
+            head_chunk_bytes: GPU_HEAD_CHUNK_BYTES,
         };
         let bf16 = estimate(&c, shape);
         let nf4 = estimate(&c, TrainShape { nf4: true, ..shape });

@@ -176,7 +176,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             nf4,
             checkpointing,
             dtype_bytes: precision.dtype().size(),
-            fused_attention: true,
+            fused_attention: !selected.gpu && precision == Precision::F32,
+            head_chunk_bytes: retort_model::memory::head_chunk_bytes(&plain),
         },
     );
     // What `retort train --plan` would predict for this step (run after the timed steps, so its

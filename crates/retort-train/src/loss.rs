@@ -5,7 +5,7 @@
 use retort_model::Transformer;
 use retort_model::burn::tensor::activation::log_softmax;
 use retort_model::burn::tensor::{DType, Int, Tensor, TensorData};
-use retort_model::memory::HEAD_CHUNK_BYTES;
+use retort_model::memory::head_chunk_bytes;
 
 /// No loss for this label.
 pub const IGNORE: i64 = -100;
@@ -42,12 +42,12 @@ pub fn label_chunks(
 
 /// Sum of the negative log-likelihoods of the label tokens (a `[1]` tensor, f32) given the final
 /// hidden states `[rows, len, hidden]`, the logits computed one chunk of positions at a time
-/// ([`HEAD_CHUNK_BYTES`]). Returns `None` when the batch has no label tokens.
+/// ([`head_chunk_bytes`] of the device). Returns `None` when the batch has no label tokens.
 pub fn nll_sum(model: &Transformer, hidden: Tensor<3>, labels: &[i64]) -> Option<Tensor<1>> {
     let [rows, len, h] = hidden.dims();
     let device = hidden.device();
     let flat = hidden.reshape([rows * len, h]);
-    label_chunks(labels, rows, len, model.config.vocab_size, HEAD_CHUNK_BYTES)
+    label_chunks(labels, rows, len, model.config.vocab_size, head_chunk_bytes(&device))
         .into_iter()
         .map(|(pos, tgt)| {
             let n = pos.len();

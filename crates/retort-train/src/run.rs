@@ -432,6 +432,11 @@ pub fn plan(
             dtype_bytes: precision.dtype().size(),
             // What `retort_model::attention_grad` records: f32 on the CPU.
             fused_attention: !gpu && precision.dtype() == retort_model::burn::tensor::DType::F32,
+            head_chunk_bytes: if gpu {
+                retort_model::memory::GPU_HEAD_CHUNK_BYTES
+            } else {
+                retort_model::memory::HEAD_CHUNK_BYTES
+            },
         },
     );
     let tokens = data.train_report.pack.tokens;

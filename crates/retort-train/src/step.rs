@@ -59,7 +59,7 @@ pub fn gradients(
     micro: &[MicroBatch],
     seed: u64,
 ) -> (f64, usize, BTreeMap<String, Tensor<1>>) {
-    gradients_with_head_chunk(model, micro, seed, HEAD_CHUNK_BYTES)
+    gradients_with_head_chunk(model, micro, seed, head_chunk_bytes(&model.device()))
 }
 
 /// [`gradients`] with the LM head's logits computed `head_chunk_bytes` (f32) at a time: at least one
@@ -201,7 +201,7 @@ fn with_strategy<const D: usize>(
     }
 }
 
-pub use retort_model::memory::HEAD_CHUNK_BYTES;
+pub use retort_model::memory::{HEAD_CHUNK_BYTES, head_chunk_bytes};
 
 /// The loss head over hidden states `x` (`[rows, len, hidden]`, inner backend; the final norm applied
 /// first when `norm`), a chunk of label positions at a time, each chunk differentiated on its own:
