@@ -26,8 +26,20 @@
 # BENCH_TRAIN=path uses a prebuilt `bench_train` example (built with `--features retort-model/vulkan`);
 # otherwise it is built here. RETORT_DEVICE (default wgpu:0) is where retort runs, PEFT_DEVICE (default
 # cuda) where PyTorch does. WORK=dir keeps the models there (default: a temporary directory; each
-# shape's model is deleted after its rows). Results are also written as JSON lines to RESULTS (default $WORK/results.jsonl). RUN_TIMEOUT=seconds bounds
+# shape's model is deleted after its rows, unless KEEP_MODELS=1: a later run with the same WORK
+# reuses it, so mind that ROWS and SEQ then come from the kept batch). Results are also written as JSON lines to RESULTS (default $WORK/results.jsonl). RUN_TIMEOUT=seconds bounds
 # each process (a row then says so instead of its numbers). SKIP_PEFT=1 runs retort's side alone.
+# PROFILE_KERNELS=1 runs retort's side under cubecl's kernel profiler (every kernel timed, so the step
+# is slower than unprofiled), keeps its stderr as LOGS/SHAPE-MODE.stderr (LOGS defaults to WORK) and
+# prints scripts/cubecl_profile.py's breakdown of it: kernel time against wall time per step, kernels
+# compiled and autotuned, the costliest kernels.
+#
+# The first step on a machine is mostly cubecl choosing and compiling kernels: it benchmarks several
+# candidate kernels for each new matmul and reduction shape (autotuning) and the Vulkan driver compiles
+# each candidate, which on an H200 took from 0.1 s to 25 s a candidate. cubecl keeps its choices and
+# device measurements in target/environment under the repository (the directory it runs from), so a
+# second run on the machine skips them; copy that directory to a fresh machine with the same GPU and
+# driver to skip them there. CUBECL_AUTOTUNE_LEVEL=minimal tries fewer candidates.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -46,7 +58,11 @@ if [ -z "${WORK:-}" ]; then
     WORK=$(mktemp -d)
     trap 'rm -rf "$WORK"' EXIT # the 8B model alone is 16 GB
 fi
+WORK=$(cd "$WORK" && pwd)
 RESULTS=${RESULTS:-$WORK/results.jsonl}
+LOGS=${LOGS:-$WORK}
+mkdir -p "$LOGS"
+LOGS=$(cd "$LOGS" && pwd)
 : >"$RESULTS"
 
 if [ -z "${BENCH_TRAIN:-}" ]; then
@@ -73,17 +89,42 @@ with_peak() {
         "$out" "${peak:-$base}" "$base"
 }
 
+# Runs bench_train ("$@") through with_peak, under cubecl's profiler when PROFILE_KERNELS=1 (its
+# configuration file is read from the working directory); NAME names the log.
+retort_row() { # NAME ARGS...
+    local name=$1
+    shift
+    if [ "${PROFILE_KERNELS:-0}" != 1 ]; then
+        with_peak "$@"
+        return
+    fi
+    local dir log=$LOGS/$name.stderr
+    dir=$(mktemp -d)
+    # The profiler's configuration sits in a directory of its own; cubecl's store of autotune results
+    # and device measurements stays where unprofiled runs keep it.
+    printf '[environment]\npath = { directory = "%s" }\n' "$PWD/target/environment" >"$dir/cubecl.toml"
+    printf '[profiling.logger]\nlevel = "basic"\nstderr = true\n[compilation.logger]\nlevel = "basic"\nstderr = true\n[autotune.logger]\nlevel = "minimal"\nstderr = true\n' >>"$dir/cubecl.toml"
+    (cd "$dir" && with_peak "$@" 2>"$log")
+    grep '^bench_train:' "$log" >&2 || true
+    "$PYTHON" scripts/cubecl_profile.py "$log" >&2 || true
+    rm -rf "$dir"
+}
+
 CK=()
 [ "$CHECKPOINTING" = 1 ] && CK=(--checkpointing)
 for shape in $SHAPES; do
-    echo "== $shape: model (random weights, bf16) and batch $ROWS x $SEQ"
-    "$PYTHON" scripts/make_bench_model.py "$WORK/$shape" --shape "$shape" --rows "$ROWS" --seq "$SEQ" \
-        --dtype bfloat16 --device "$PEFT_DEVICE" 2>/dev/null
+    if [ -e "$WORK/$shape/batch.json" ]; then
+        echo "== $shape: model and batch kept in $WORK/$shape"
+    else
+        echo "== $shape: model (random weights, bf16) and batch $ROWS x $SEQ"
+        "$PYTHON" scripts/make_bench_model.py "$WORK/$shape" --shape "$shape" --rows "$ROWS" --seq "$SEQ" \
+            --dtype bfloat16 --device "$PEFT_DEVICE" 2>/dev/null
+    fi
     for mode in $MODES; do
         NF4=()
         [ "$mode" = qlora ] && NF4=(--nf4)
         echo "== $shape $mode: retort on $RETORT_DEVICE"
-        R=$(with_peak "$BENCH_TRAIN" "$WORK/$shape/model" "$WORK/$shape/batch.json" "$WARMUP" "$STEPS" \
+        R=$(retort_row "$shape-$mode" "$BENCH_TRAIN" "$WORK/$shape/model" "$WORK/$shape/batch.json" "$WARMUP" "$STEPS" \
             --device "$RETORT_DEVICE" --precision bf16 --no-probe "${CK[@]}" "${NF4[@]}")
         echo "$R"
         echo "== $shape $mode: PyTorch + PEFT on $PEFT_DEVICE"
@@ -99,7 +140,7 @@ for shape in $SHAPES; do
         "$PYTHON" -c 'import json,sys; print(json.dumps({"shape": sys.argv[1], "mode": sys.argv[2], "seq": int(sys.argv[6]), "config": json.load(open(sys.argv[3])), "retort": json.loads(sys.argv[4]), "peft": json.loads(sys.argv[5])}))' \
             "$shape" "$mode" "$WORK/$shape/model/config.json" "$R" "$P" "$SEQ" >>"$RESULTS"
     done
-    rm -rf "${WORK:?}/$shape"
+    [ "${KEEP_MODELS:-0}" = 1 ] || rm -rf "${WORK:?}/$shape"
 done
 
 "$PYTHON" - "$RESULTS" "$PEAK_TFLOPS" <<'PY'
