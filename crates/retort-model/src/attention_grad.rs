@@ -1,22 +1,17 @@
-//! Attention on the CPU through burn's fused kernel; for training, with a backward written here.
+//! Attention on the CPU (f32): [`crate::cpu_attention`]'s blockwise kernel, recorded under autodiff as
+//! one operation whose backward is that kernel's.
 //!
 //! Recorded by autodiff, the decomposed attention (matmul, scale, soft-cap, mask, the five operations
 //! of a softmax, matmul) keeps several `[b, heads, s, t]` tensors per layer and runs each operation's
 //! backward as further full passes; on the benchmark model that was a third of a training step. Here
-//! the forward is burn's fused CPU kernel (nothing of size `s x t` kept), and the backward recomputes
-//! the probabilities `P` once and applies the softmax gradient in closed form:
-//!
-//! `dV = P^T dO`, `dP = dO V^T`, `dS = P (dP - rowsum(dP P))`, soft-capping's `1 - tanh^2`, then
-//! `dQ = scale dS K`, `dK = scale dS^T Q`, with grouped-query heads summed onto their key/value head.
+//! nothing of size `s x t` is kept: the backward recomputes the probabilities a block of query rows
+//! at a time and skips the keys the mask hides, as the forward does.
 //!
 //! The mask is an additive constant (no gradient). Tests compare every gradient with the decomposed
 //! form differentiated by autodiff.
 
 use burn::backend::Flex;
-use burn::tensor::activation::softmax;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
@@ -24,12 +19,13 @@ use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_flex::FlexTensor;
 
+use crate::cpu_attention::{self, Scores, Shape};
+
 type Ad = Autodiff<Flex>;
 
 #[derive(Debug)]
 struct AttentionBackward {
-    scale: f64,
-    softcap: Option<f64>,
+    scores: Scores,
 }
 
 impl Backward<Flex, 3> for AttentionBackward {
@@ -40,25 +36,71 @@ impl Backward<Flex, 3> for AttentionBackward {
         let [node_q, node_k, node_v] = ops.parents;
         let d_out = grads.consume::<Flex>(&ops.node);
         let (q, k, v, mask) = ops.state;
-        let [dq, dk, dv] =
-            gradients(plain(q), plain(k), plain(v), plain(mask), plain(d_out), self.scale, self.softcap);
-        for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
-            if let Some(node) = node
-                && let Ok(g) = grad.try_into_primitive::<Flex>()
-            {
-                grads.register::<Flex>(node.id, g);
+        let shape = shape_of(&q, &k);
+        let (qd, kd, vd) = (dims(&q), dims(&k), dims(&v));
+        let (q, k, v, mask, d_out) = (Host::of(q), Host::of(k), Host::of(v), Host::of(mask), Host::of(d_out));
+        let [dq, dk, dv] = cpu_attention::backward(
+            q.values(),
+            k.values(),
+            v.values(),
+            mask.values(),
+            d_out.values(),
+            shape,
+            self.scores,
+        );
+        for (node, grad, dims) in [(node_q, dq, qd), (node_k, dk, kd), (node_v, dv, vd)] {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(grad, dims)));
             }
         }
     }
 }
 
-fn plain(t: FlexTensor) -> Tensor<4> {
-    Tensor::from_primitive::<Flex>(t)
+/// A tensor's values, row-major: borrowed from its storage when contiguous, else copied.
+enum Host {
+    Tensor(FlexTensor),
+    Copy(Vec<f32>),
+}
+
+impl Host {
+    fn of(t: FlexTensor) -> Self {
+        if crate::gemv::contiguous(&t).is_some() {
+            return Host::Tensor(t);
+        }
+        let data = Tensor::<4>::from_primitive::<Flex>(t).into_data().convert::<f32>();
+        Host::Copy(data.try_into_vec::<f32>().unwrap_or_default())
+    }
+
+    fn values(&self) -> &[f32] {
+        match self {
+            Host::Tensor(t) => crate::gemv::contiguous(t).unwrap_or(&[]),
+            Host::Copy(v) => v,
+        }
+    }
+}
+
+fn dims(t: &FlexTensor) -> [usize; 4] {
+    t.layout().shape().dims::<4>()
+}
+
+fn shape_of(q: &FlexTensor, k: &FlexTensor) -> Shape {
+    let [batch, heads, queries, head_dim] = dims(q);
+    let [_, kv_heads, keys, _] = dims(k);
+    Shape { batch, heads, kv_heads, queries, keys, head_dim }
+}
+
+/// The kernel's output as a tensor.
+fn run(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, mask: &FlexTensor, scores: Scores) -> FlexTensor {
+    let shape = shape_of(q, k);
+    let (q, k, v, mask) =
+        (Host::of(q.clone()), Host::of(k.clone()), Host::of(v.clone()), Host::of(mask.clone()));
+    let out = cpu_attention::forward(q.values(), k.values(), v.values(), mask.values(), shape, scores);
+    FlexTensor::from_data(TensorData::new(out, [shape.batch, shape.heads, shape.queries, shape.head_dim]))
 }
 
 /// `softmax(scale q k^T (soft-capped) + mask) v` for `q` `[b, h, s, d]`, `k`/`v` `[b, kv_heads, t, d]`
-/// and `mask` `[b, 1, s, t]` by burn's fused CPU kernel: as it is without autodiff, recorded as one
-/// operation with the backward above under autodiff. `None` unless the tensors are f32 on the CPU; the
+/// and `mask` `[b, 1, s, t]` by [`cpu_attention`]: as it is without autodiff, recorded as one
+/// operation with its backward under autodiff. `None` unless the tensors are f32 on the CPU; the
 /// caller then computes the decomposed form (other backends keep it until their fused kernels are
 /// measured on a GPU).
 pub fn fused(
@@ -72,28 +114,24 @@ pub fn fused(
     if q.dtype() != DType::F32 || q.device() != Device::flex() {
         return None;
     }
-    let opts = AttentionModuleOptions { scale: Some(scale), softcap, is_causal: false };
-    if !q.is_autodiff() {
-        return Some(attention(q.clone(), k.clone(), v.clone(), None, Some(mask.clone()), opts));
-    }
-    let (qp, qg) = q.clone().try_into_primitive::<Ad>().ok()?.into_parts();
-    let (kp, kg) = k.clone().try_into_primitive::<Ad>().ok()?.into_parts();
-    let (vp, vg) = v.clone().try_into_primitive::<Ad>().ok()?.into_parts();
+    let scores = Scores { scale: scale as f32, softcap: softcap.map(|c| c as f32) };
     let mp = match mask.clone().try_into_primitive::<Ad>() {
         Ok(m) => m.into_primitive(),
         Err(_) => mask.clone().try_into_primitive::<Flex>().ok()?,
     };
-    let out = attention(
-        plain(qp.clone()),
-        plain(kp.clone()),
-        plain(vp.clone()),
-        None,
-        Some(plain(mp.clone())),
-        opts,
-    )
-    .try_into_primitive::<Flex>()
-    .ok()?;
-    let op = AttentionBackward { scale, softcap };
+    if !q.is_autodiff() {
+        let (qp, kp, vp) = (
+            q.clone().try_into_primitive::<Flex>().ok()?,
+            k.clone().try_into_primitive::<Flex>().ok()?,
+            v.clone().try_into_primitive::<Flex>().ok()?,
+        );
+        return Some(Tensor::from_primitive::<Flex>(run(&qp, &kp, &vp, &mp, scores)));
+    }
+    let (qp, qg) = q.clone().try_into_primitive::<Ad>().ok()?.into_parts();
+    let (kp, kg) = k.clone().try_into_primitive::<Ad>().ok()?.into_parts();
+    let (vp, vg) = v.clone().try_into_primitive::<Ad>().ok()?.into_parts();
+    let out = run(&qp, &kp, &vp, &mp, scores);
+    let op = AttentionBackward { scores };
     let recorded = match op.prepare::<NoCheckpointing>([qg, kg, vg]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish((qp, kp, vp, mp), out),
         OpsKind::UnTracked(prep) => prep.finish(out),
@@ -101,52 +139,13 @@ pub fn fused(
     Some(Tensor::from_primitive::<Ad>(recorded))
 }
 
-/// The gradients of query, key and value (see the module docs), on plain tensors.
-fn gradients(
-    q: Tensor<4>,
-    k: Tensor<4>,
-    v: Tensor<4>,
-    mask: Tensor<4>,
-    d_out: Tensor<4>,
-    scale: f64,
-    softcap: Option<f64>,
-) -> [Tensor<4>; 3] {
-    let [b, h, s, d] = q.dims();
-    let [_, kvh, t, _] = k.dims();
-    let rep = h / kvh;
-    // Query heads of one group as rows of their key/value head, as the forward's grouping.
-    let q5 = q.reshape([b, kvh, rep, s, d]);
-    let k5 = k.reshape([b, kvh, 1, t, d]);
-    let v5 = v.reshape([b, kvh, 1, t, d]);
-    let do5 = d_out.reshape([b, kvh, rep, s, d]);
-    let u = q5.clone().matmul(k5.clone().swap_dims(3, 4)).mul_scalar(scale);
-    let (scores, tanh) = match softcap {
-        Some(cap) => {
-            let th = u.div_scalar(cap).tanh();
-            (th.clone().mul_scalar(cap), Some(th))
-        }
-        None => (u, None),
-    };
-    let p = softmax(scores + mask.reshape([b, 1, 1, s, t]), 4);
-    let dv = p.clone().swap_dims(3, 4).matmul(do5.clone()).sum_dim(2).reshape([b, kvh, t, d]);
-    let dp = do5.matmul(v5.swap_dims(3, 4));
-    let row = (dp.clone() * p.clone()).sum_dim(4);
-    let ds = p * (dp - row);
-    let du = match tanh {
-        Some(th) => ds * th.square().neg().add_scalar(1.0),
-        None => ds,
-    };
-    let dq = du.clone().matmul(k5).mul_scalar(scale).reshape([b, h, s, d]);
-    let dk = du.swap_dims(3, 4).matmul(q5).mul_scalar(scale).sum_dim(2).reshape([b, kvh, t, d]);
-    [dq, dk, dv]
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests fail by panicking")]
 
     use super::*;
-    use burn::tensor::{Distribution, TensorData};
+    use burn::tensor::Distribution;
+    use burn::tensor::activation::softmax;
 
     /// The decomposed form autodiff differentiates (what `Attention::forward` computes otherwise).
     fn decomposed(

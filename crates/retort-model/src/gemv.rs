@@ -43,7 +43,7 @@ pub fn project(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
 }
 
 /// The elements of a row-major contiguous f32 tensor.
-fn contiguous(t: &FlexTensor) -> Option<&[f32]> {
+pub(crate) fn contiguous(t: &FlexTensor) -> Option<&[f32]> {
     if !t.is_contiguous() {
         return None;
     }

@@ -13,6 +13,7 @@ pub mod attention;
 pub mod attention_grad;
 pub mod batch;
 pub mod builtin;
+pub mod cpu_attention;
 pub mod device;
 pub mod dtype;
 pub mod error;
