@@ -109,9 +109,11 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     } else {
         (c.num_layers + 1) as f64 * per_layer
     };
-    // The fused attention's backward recomputes the probabilities of one layer and holds them with
-    // their gradient and the softmax's (three score-sized tensors), for that layer only.
-    let activations = activations + if s.fused_attention { 3.0 * scores } else { 0.0 };
+    // The fused attention's backward (`cpu_attention`) recomputes probabilities a block of query rows
+    // at a time and holds, for one layer, each query head's f32 key and value gradients before they
+    // are summed onto the key/value heads.
+    let head_grads = 2.0 * tokens * q * 4.0;
+    let activations = activations + if s.fused_attention { head_grads } else { 0.0 };
     // f32 logits, their log-softmax (kept) and its gradient, for one chunk of label positions.
     let logits = (tokens * c.vocab_size as f64 * 4.0).min(s.head_chunk_bytes as f64) * 3.0;
     MemoryEstimate { weights, adapters, activations, logits }
@@ -153,10 +155,11 @@ mod tests {
             e.activations - 33.0 * (2.0 * 32.0 * 2048f64.powi(2) * 4.0 + 7.0 * 2048.0 * 16.0 * 4.0)
         };
         assert!((f32_only(&f32) / f32_only(&full) - 2.0).abs() < 1e-9);
-        // Fused attention keeps no score-sized tensor per layer: 33 layers' worth become three
-        // transient ones.
+        // Fused attention keeps no score-sized tensor: 33 layers' worth become one layer's per-head key
+        // and value gradients (2 x 2048 tokens x 32 heads x 128, f32).
         let fused = estimate(&c, TrainShape { fused_attention: true, checkpointing: false, ..shape });
         let scores = 32.0 * 2048f64.powi(2) * 4.0;
-        assert!((full.activations - fused.activations - (33.0 * 2.0 - 3.0) * scores).abs() < 1.0);
+        let head_grads = 2.0 * 2048.0 * 32.0 * 128.0 * 4.0;
+        assert!((full.activations - fused.activations - (33.0 * 2.0 * scores - head_grads)).abs() < 1.0);
     }
 }
