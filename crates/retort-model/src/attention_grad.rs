@@ -20,6 +20,7 @@ use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_flex::FlexTensor;
 
 use crate::cpu_attention::{self, Scores, Shape};
+use crate::host::Host;
 
 type Ad = Autodiff<Flex>;
 
@@ -38,7 +39,8 @@ impl Backward<Flex, 3> for AttentionBackward {
         let (q, k, v, mask) = ops.state;
         let shape = shape_of(&q, &k);
         let (qd, kd, vd) = (dims(&q), dims(&k), dims(&v));
-        let (q, k, v, mask, d_out) = (Host::of(q), Host::of(k), Host::of(v), Host::of(mask), Host::of(d_out));
+        let (q, k, v, mask, d_out) =
+            (Host::of::<4>(q), Host::of::<4>(k), Host::of::<4>(v), Host::of::<4>(mask), Host::of::<4>(d_out));
         let [dq, dk, dv] = cpu_attention::backward(
             q.values(),
             k.values(),
@@ -56,29 +58,6 @@ impl Backward<Flex, 3> for AttentionBackward {
     }
 }
 
-/// A tensor's values, row-major: borrowed from its storage when contiguous, else copied.
-enum Host {
-    Tensor(FlexTensor),
-    Copy(Vec<f32>),
-}
-
-impl Host {
-    fn of(t: FlexTensor) -> Self {
-        if crate::gemv::contiguous(&t).is_some() {
-            return Host::Tensor(t);
-        }
-        let data = Tensor::<4>::from_primitive::<Flex>(t).into_data().convert::<f32>();
-        Host::Copy(data.try_into_vec::<f32>().unwrap_or_default())
-    }
-
-    fn values(&self) -> &[f32] {
-        match self {
-            Host::Tensor(t) => crate::gemv::contiguous(t).unwrap_or(&[]),
-            Host::Copy(v) => v,
-        }
-    }
-}
-
 fn dims(t: &FlexTensor) -> [usize; 4] {
     t.layout().shape().dims::<4>()
 }
@@ -92,8 +71,12 @@ fn shape_of(q: &FlexTensor, k: &FlexTensor) -> Shape {
 /// The kernel's output as a tensor.
 fn run(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, mask: &FlexTensor, scores: Scores) -> FlexTensor {
     let shape = shape_of(q, k);
-    let (q, k, v, mask) =
-        (Host::of(q.clone()), Host::of(k.clone()), Host::of(v.clone()), Host::of(mask.clone()));
+    let (q, k, v, mask) = (
+        Host::of::<4>(q.clone()),
+        Host::of::<4>(k.clone()),
+        Host::of::<4>(v.clone()),
+        Host::of::<4>(mask.clone()),
+    );
     let out = cpu_attention::forward(q.values(), k.values(), v.values(), mask.values(), shape, scores);
     FlexTensor::from_data(TensorData::new(out, [shape.batch, shape.heads, shape.queries, shape.head_dim]))
 }

@@ -352,7 +352,7 @@ fn exp_shifted_generic(row: &mut [f32], max: f32) -> f32 {
 /// the exponent bits. Below -87.3 (where `e^x` leaves the normal range) it is 0, which is also what
 /// a masked score (`-inf`, or a large negative number) gives.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;

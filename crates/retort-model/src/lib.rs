@@ -19,6 +19,7 @@ pub mod dtype;
 pub mod error;
 pub mod gemv;
 pub mod generate;
+mod host;
 pub mod linear;
 mod load;
 pub mod lora;
@@ -29,6 +30,7 @@ pub mod model;
 pub mod nf4;
 pub mod norm;
 pub mod rope;
+pub mod swiglu;
 pub mod walk;
 
 pub use batch::Batch;

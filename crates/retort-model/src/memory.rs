@@ -34,12 +34,14 @@ pub struct MemoryEstimate {
     pub activations: f64,
     /// Logits, log-softmax and gradient (f32) of one chunk of label positions.
     pub logits: f64,
+    /// What the process holds before any tensor, on the CPU ([`CPU_PROCESS_BYTES`]); 0 on a GPU.
+    pub process: f64,
 }
 
 impl MemoryEstimate {
     /// Everything.
     pub fn total(&self) -> f64 {
-        self.weights + self.adapters + self.activations + self.logits
+        self.weights + self.adapters + self.activations + self.logits + self.process
     }
 }
 
@@ -59,11 +61,18 @@ pub struct TrainShape {
     /// Bytes per value of the base weights and activations: 4 for f32 (the CPU), 2 for bf16/f16.
     pub dtype_bytes: usize,
     /// Attention recorded as one operation (`attention_grad`: f32 on the CPU), which keeps no
-    /// `[heads, s, s]` tensor between forward and backward, instead of the decomposed form.
+    /// `[heads, s, s]` tensor between forward and backward, instead of the decomposed form; SiLU
+    /// models' SwiGLU then is one operation too (`swiglu`), which keeps two fewer tensors.
     pub fused_attention: bool,
     /// Bytes of f32 logits computed at once ([`head_chunk_bytes`] of the device).
     pub head_chunk_bytes: usize,
+    /// Training on the CPU, where the peak is the process's resident memory, its own included.
+    pub cpu: bool,
 }
+
+/// Resident memory of a retort process before it loads a model: code, thread stacks, allocator arenas.
+/// `bench_train` on Linux holds 0.11 GiB more than its weights right after loading them.
+pub const CPU_PROCESS_BYTES: f64 = 100.0 * (1 << 20) as f64;
 
 /// Estimates peak training memory of a model.
 pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
@@ -95,11 +104,14 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     // What one layer's backward needs, in `dtype`: each of the two norms keeps its input, the
     // normalised values and its output (the projections' input); attention keeps q and k after RoPE,
     // v and its output (o_proj's input); the gated MLP keeps gate, its sigmoid, the activation, up and
-    // their product (down_proj's input). In f32 whatever the dtype: the softmax's exponentials and the
-    // probabilities of decomposed attention, and each adapter's `x A^T` (7 projections).
+    // their product (down_proj's input), or only gate, up and product where SwiGLU is one recorded
+    // operation (`swiglu`, with the CPU's fused attention). In f32 whatever the dtype: the softmax's
+    // exponentials and the probabilities of decomposed attention, and each adapter's `x A^T` (7
+    // projections).
     let scores = s.batch as f64 * heads * (s.seq as f64).powi(2) * 4.0;
     let kept_scores = if s.fused_attention { 0.0 } else { 2.0 * scores };
-    let per_layer = tokens * (6.0 * h + 2.0 * q + 2.0 * kv + 5.0 * ff) * b
+    let mlp_kept = if s.fused_attention && c.activation == retort_hf::Activation::Silu { 3.0 } else { 5.0 };
+    let per_layer = tokens * (6.0 * h + 2.0 * q + 2.0 * kv + mlp_kept * ff) * b
         + kept_scores
         + 7.0 * tokens * s.rank as f64 * 4.0;
     // Plus, during the backward pass, one layer's worth of gradients of those tensors (and, with
@@ -116,7 +128,8 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     let activations = activations + if s.fused_attention { head_grads } else { 0.0 };
     // f32 logits, their log-softmax (kept) and its gradient, for one chunk of label positions.
     let logits = (tokens * c.vocab_size as f64 * 4.0).min(s.head_chunk_bytes as f64) * 3.0;
-    MemoryEstimate { weights, adapters, activations, logits }
+    let process = if s.cpu { CPU_PROCESS_BYTES } else { 0.0 };
+    MemoryEstimate { weights, adapters, activations, logits, process }
 }
 
 #[cfg(test)]
@@ -140,6 +153,7 @@ mod tests {
             dtype_bytes: 2,
             fused_attention: false,
             head_chunk_bytes: GPU_HEAD_CHUNK_BYTES,
+            cpu: false,
         };
         let bf16 = estimate(&c, shape);
         let nf4 = estimate(&c, TrainShape { nf4: true, ..shape });
@@ -160,6 +174,11 @@ mod tests {
         let fused = estimate(&c, TrainShape { fused_attention: true, checkpointing: false, ..shape });
         let scores = 32.0 * 2048f64.powi(2) * 4.0;
         let head_grads = 2.0 * 2048.0 * 32.0 * 128.0 * 4.0;
-        assert!((full.activations - fused.activations - (33.0 * 2.0 * scores - head_grads)).abs() < 1.0);
+        // And SwiGLU as one operation keeps gate, up and product, not also the sigmoid and SiLU
+        // (2 x 2048 tokens x 14336, bf16).
+        let swiglu = 33.0 * 2.0 * 2048.0 * 14336.0 * 2.0;
+        assert!(
+            (full.activations - fused.activations - (33.0 * 2.0 * scores - head_grads + swiglu)).abs() < 1.0
+        );
     }
 }

@@ -39,6 +39,16 @@ pub struct Mlp {
     pub activation: Activation,
 }
 
+/// `act(gate) * up`: one recorded operation for SiLU on the CPU in f32 ([`crate::swiglu`]).
+fn gated(gate: Tensor<3>, up: Tensor<3>, a: Activation) -> Tensor<3> {
+    if a == Activation::Silu
+        && let Some(h) = crate::swiglu::swiglu(&gate, &up)
+    {
+        return h;
+    }
+    activate(gate, a) * up
+}
+
 fn activate(x: Tensor<3>, a: Activation) -> Tensor<3> {
     match a {
         Activation::Silu => silu(x),
@@ -52,14 +62,14 @@ impl Mlp {
     pub fn forward(&self, x: Tensor<3>, train: bool) -> Tensor<3> {
         let h = match &self.gate_up {
             GateUp::Separate(p) => {
-                activate(p.gate.forward(x.clone(), train), self.activation) * p.up.forward(x, train)
+                gated(p.gate.forward(x.clone(), train), p.up.forward(x, train), self.activation)
             }
             GateUp::Fused(gate_up) => {
                 let gu = gate_up.forward(x, train);
                 let ff = gu.dims()[2] / 2;
                 let gate = gu.clone().narrow(2, 0, ff);
                 let up = gu.narrow(2, ff, ff);
-                up * activate(gate, self.activation)
+                gated(gate, up, self.activation)
             }
         };
         self.down.forward(h, train)

@@ -178,6 +178,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             dtype_bytes: precision.dtype().size(),
             fused_attention: !selected.gpu && precision == Precision::F32,
             head_chunk_bytes: retort_model::memory::head_chunk_bytes(&plain),
+            cpu: !selected.gpu,
         },
     );
     // What `retort train --plan` would predict for this step (run after the timed steps, so its

@@ -437,6 +437,7 @@ pub fn plan(
             } else {
                 retort_model::memory::HEAD_CHUNK_BYTES
             },
+            cpu: !gpu,
         },
     );
     let tokens = data.train_report.pack.tokens;

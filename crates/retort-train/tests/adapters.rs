@@ -158,8 +158,12 @@ fn activation_checkpointing_recomputes_the_same_steps() {
         for (a, b) in plain_losses.iter().zip(&losses) {
             assert!((a - b).abs() <= 1e-6 * a.abs(), "{name}: {plain_losses:?} vs {losses:?}");
         }
+        // Layer by layer runs the same operations again; burn's strategy runs on another autodiff
+        // backend type, where the CPU's one-operation attention and SwiGLU decline and burn's
+        // decomposed forms run instead, equal to f32 rounding: three steps at lr 1e-2 stay within 2e-6.
         let worst = plain.iter().zip(&ckpt).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(worst < 1e-6, "{name}: adapters differ by {worst}");
+        let bound = if layers { 1e-6 } else { 2e-6 };
+        assert!(worst < bound, "{name}: adapters differ by {worst}");
     }
 }
 

@@ -44,6 +44,7 @@ pub fn run(ui: &Ui, cmd: InspectCommand) -> anyhow::Result<Exit> {
                                 dtype_bytes: 2,
                                 fused_attention: false,
                                 head_chunk_bytes: retort_model::memory::GPU_HEAD_CHUNK_BYTES,
+                                cpu: false,
                             },
                         ),
                     )

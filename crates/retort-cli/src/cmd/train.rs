@@ -189,7 +189,7 @@ fn print_plan(ui: &Ui, p: &Plan, device: &str, precision: Precision) {
          evaluate/save  every {} / {} steps\n\
          tokens         {} per epoch, {} with loss\n\
          device         {device} in {precision:?}, activation checkpointing {}\n\
-         memory         about {} (weights {}, adapters+AdamW {}, activations {}, logits {})\n\
+         memory         about {} (weights {}, adapters+AdamW {}, activations {}, logits {}{})\n\
          compute        {:.3} PFLOP per epoch{}",
         p.total_steps,
         p.steps_per_epoch,
@@ -205,6 +205,7 @@ fn print_plan(ui: &Ui, p: &Plan, device: &str, precision: Precision) {
         gib(m.adapters),
         gib(m.activations),
         gib(m.logits),
+        if m.process > 0.0 { format!(", process {}", gib(m.process)) } else { String::new() },
         p.flops_per_epoch / 1e15,
         p.step_time.map_or(String::new(), |t| format!(
             "\ntime           about {} per step, {} for the run (timed: {} for a 1-layer stand-in, {} per layer)",
