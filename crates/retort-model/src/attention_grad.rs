@@ -94,7 +94,8 @@ pub fn fused(
     scale: f64,
     softcap: Option<f64>,
 ) -> Option<Tensor<4>> {
-    if q.dtype() != DType::F32 || q.device() != Device::flex() {
+    let f32s = [q, k, v, mask].iter().all(|t| t.dtype() == DType::F32);
+    if !f32s || q.device() != Device::flex() {
         return None;
     }
     let scores = Scores { scale: scale as f32, softcap: softcap.map(|c| c as f32) };
