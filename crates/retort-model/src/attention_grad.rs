@@ -11,7 +11,7 @@
 //! form differentiated by autodiff.
 
 use burn::backend::Flex;
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
@@ -95,7 +95,7 @@ pub fn fused(
     softcap: Option<f64>,
 ) -> Option<Tensor<4>> {
     let f32s = [q, k, v, mask].iter().all(|t| t.dtype() == DType::F32);
-    if !f32s || q.device() != Device::flex() {
+    if !f32s || !crate::device::is_cpu(&q.device()) {
         return None;
     }
     let scores = Scores { scale: scale as f32, softcap: softcap.map(|c| c as f32) };
@@ -128,6 +128,7 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests fail by panicking")]
 
     use super::*;
+    use burn::tensor::Device;
     use burn::tensor::Distribution;
     use burn::tensor::activation::softmax;
 

@@ -40,6 +40,12 @@ pub struct Shape {
 }
 
 impl Shape {
+    /// The key/value head (batch-major, `[b, kv_heads]`) of query head `bh` (`[b, heads]`).
+    fn kv_head(&self, bh: usize) -> usize {
+        let (h, kvh) = (self.heads, self.kv_heads);
+        (bh / h) * kvh + (bh % h) / (h / kvh)
+    }
+
     fn check(&self, q: &[f32], k: &[f32], v: &[f32], mask: &[f32]) {
         let Shape { batch: b, heads: h, kv_heads: kvh, queries: s, keys: t, head_dim: d } = *self;
         assert!(kvh > 0 && h % kvh == 0, "{h} heads do not group onto {kvh} key/value heads");
@@ -99,6 +105,75 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], mask: &[f32], sh: Shape, sc: Sco
     forward_blocks(q, k, v, mask, sh, sc, BLOCK)
 }
 
+/// What the forward and the backward share: the inputs and the key range of every block of query rows.
+struct Blocks<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    mask: &'a [f32],
+    sh: Shape,
+    sc: Scores,
+    block: usize,
+    /// [`key_ranges`].
+    ranges: Vec<(usize, usize)>,
+}
+
+/// One block of a head: query rows `r0..r0 + nq` against keys `lo..hi`.
+#[derive(Debug, Clone, Copy)]
+struct Rows {
+    r0: usize,
+    nq: usize,
+    lo: usize,
+    hi: usize,
+}
+
+impl<'a> Blocks<'a> {
+    fn new(
+        q: &'a [f32],
+        k: &'a [f32],
+        v: &'a [f32],
+        mask: &'a [f32],
+        sh: Shape,
+        sc: Scores,
+        block: usize,
+    ) -> Self {
+        sh.check(q, k, v, mask);
+        Blocks { q, k, v, mask, sh, sc, block, ranges: key_ranges(mask, &sh, block) }
+    }
+
+    /// Query head `bh`'s (batch-major) queries `[s, d]`, and the keys and values `[t, d]` of its
+    /// key/value head.
+    fn head(&self, bh: usize) -> (&'a [f32], &'a [f32], &'a [f32]) {
+        let Shape { queries: s, keys: t, head_dim: d, .. } = self.sh;
+        let g = self.sh.kv_head(bh);
+        let kv = g * t * d..(g + 1) * t * d;
+        (&self.q[bh * s * d..(bh + 1) * s * d], &self.k[kv.clone()], &self.v[kv])
+    }
+
+    /// Calls `f` for each block of query head `bh` with the block's rows, its probabilities `p`
+    /// (`[nq, hi - lo]`) and, when soft-capped, the `tanh` of its scores.
+    fn each(&self, bh: usize, mut f: impl FnMut(Rows, &[f32], &[f32])) {
+        let Shape { heads: h, queries: s, keys: t, head_dim: d, .. } = self.sh;
+        let (b, blocks) = (bh / h, s.div_ceil(self.block));
+        let (q_h, k_g, _) = self.head(bh);
+        let (mut p, mut th) = (Vec::new(), Vec::new());
+        for (qb, &(lo, hi)) in self.ranges[b * blocks..(b + 1) * blocks].iter().enumerate() {
+            let (r0, nq) = (qb * self.block, self.block.min(s - qb * self.block));
+            let mask_rows = &self.mask[(b * s + r0) * t..(b * s + r0 + nq) * t];
+            probabilities(
+                &mut p,
+                &mut th,
+                &q_h[r0 * d..],
+                &k_g[lo * d..],
+                mask_rows,
+                (nq, hi - lo, d, lo, t),
+                self.sc,
+            );
+            f(Rows { r0, nq, lo, hi }, &p, &th);
+        }
+    }
+}
+
 fn forward_blocks(
     q: &[f32],
     k: &[f32],
@@ -108,38 +183,19 @@ fn forward_blocks(
     sc: Scores,
     block: usize,
 ) -> Vec<f32> {
-    sh.check(q, k, v, mask);
-    let Shape { heads: h, kv_heads: kvh, queries: s, keys: t, head_dim: d, .. } = sh;
+    let blocks = Blocks::new(q, k, v, mask, sh, sc, block);
+    let (s, d) = (sh.queries, sh.head_dim);
     let mut out = vec![0f32; q.len()];
-    if out.is_empty() || t == 0 {
+    if out.is_empty() || sh.keys == 0 {
         return out;
     }
-    let ranges = key_ranges(mask, &sh, block);
-    let blocks = s.div_ceil(block);
     out.par_chunks_mut(s * d).enumerate().for_each(|(bh, out_h)| {
-        let (b, head) = (bh / h, bh % h);
-        let g = b * kvh + head / (h / kvh);
-        let q_h = &q[bh * s * d..(bh + 1) * s * d];
-        let (k_g, v_g) = (&k[g * t * d..(g + 1) * t * d], &v[g * t * d..(g + 1) * t * d]);
-        let mut p = Vec::new();
-        let mut th = Vec::new();
-        for (qb, &(lo, hi)) in ranges[b * blocks..(b + 1) * blocks].iter().enumerate() {
-            let (r0, nq, n) = (qb * block, block.min(s - qb * block), hi - lo);
-            let mask_rows = &mask[(b * s + r0) * t..(b * s + r0 + nq) * t];
-            probabilities(&mut p, &mut th, &q_h[r0 * d..], &k_g[lo * d..], mask_rows, (nq, n, d, lo, t), sc);
+        let (_, _, v_g) = blocks.head(bh);
+        blocks.each(bh, |Rows { r0, nq, lo, hi }, p, _| {
             // out = P V
-            mm(
-                nq,
-                d,
-                n,
-                &mut out_h[r0 * d..(r0 + nq) * d],
-                d,
-                false,
-                (&p, n, 1),
-                (&v_g[lo * d..], d, 1),
-                1.0,
-            );
-        }
+            let out_b = &mut out_h[r0 * d..(r0 + nq) * d];
+            mm(nq, d, hi - lo, out_b, d, false, (p, hi - lo, 1), (&v_g[lo * d..], d, 1), 1.0);
+        });
     });
     out
 }
@@ -169,42 +225,27 @@ fn backward_blocks(
     sc: Scores,
     block: usize,
 ) -> [Vec<f32>; 3] {
-    sh.check(q, k, v, mask);
+    let blocks = Blocks::new(q, k, v, mask, sh, sc, block);
     assert_eq!(d_out.len(), q.len(), "the output gradient is not shaped like q");
-    let Shape { heads: h, kv_heads: kvh, queries: s, keys: t, head_dim: d, .. } = sh;
+    let Shape { queries: s, keys: t, head_dim: d, .. } = sh;
     let mut dq = vec![0f32; q.len()];
     let mut dk = vec![0f32; k.len()];
     let mut dv = vec![0f32; v.len()];
     if dq.is_empty() || t == 0 {
         return [dq, dk, dv];
     }
-    let ranges = key_ranges(mask, &sh, block);
-    let blocks = s.div_ceil(block);
     // Each head's key and value gradients on their own, summed onto the key/value heads afterwards.
     let per_head: Vec<(Vec<f32>, Vec<f32>)> = dq
         .par_chunks_mut(s * d)
         .enumerate()
         .map(|(bh, dq_h)| {
-            let (b, head) = (bh / h, bh % h);
-            let g = b * kvh + head / (h / kvh);
-            let q_h = &q[bh * s * d..(bh + 1) * s * d];
+            let (q_h, k_g, v_g) = blocks.head(bh);
             let do_h = &d_out[bh * s * d..(bh + 1) * s * d];
-            let (k_g, v_g) = (&k[g * t * d..(g + 1) * t * d], &v[g * t * d..(g + 1) * t * d]);
             let mut dk_h = vec![0f32; t * d];
             let mut dv_h = vec![0f32; t * d];
-            let (mut p, mut th, mut dp) = (Vec::new(), Vec::new(), Vec::new());
-            for (qb, &(lo, hi)) in ranges[b * blocks..(b + 1) * blocks].iter().enumerate() {
-                let (r0, nq, n) = (qb * block, block.min(s - qb * block), hi - lo);
-                let mask_rows = &mask[(b * s + r0) * t..(b * s + r0 + nq) * t];
-                probabilities(
-                    &mut p,
-                    &mut th,
-                    &q_h[r0 * d..],
-                    &k_g[lo * d..],
-                    mask_rows,
-                    (nq, n, d, lo, t),
-                    sc,
-                );
+            let mut dp = Vec::new();
+            blocks.each(bh, |Rows { r0, nq, lo, hi }, p, th| {
+                let n = hi - lo;
                 let do_b = &do_h[r0 * d..(r0 + nq) * d];
                 // dP = dO V^T
                 dp.clear();
@@ -225,30 +266,21 @@ fn backward_blocks(
                 }
                 // dQ = scale dS K; dK += scale dS^T Q; dV += P^T dO.
                 let q_b = &q_h[r0 * d..(r0 + nq) * d];
-                mm(
-                    nq,
-                    d,
-                    n,
-                    &mut dq_h[r0 * d..(r0 + nq) * d],
-                    d,
-                    false,
-                    (&dp, n, 1),
-                    (&k_g[lo * d..], d, 1),
-                    sc.scale,
-                );
+                let dq_b = &mut dq_h[r0 * d..(r0 + nq) * d];
+                mm(nq, d, n, dq_b, d, false, (&dp, n, 1), (&k_g[lo * d..], d, 1), sc.scale);
                 mm(n, d, nq, &mut dk_h[lo * d..hi * d], d, true, (&dp, 1, n), (q_b, d, 1), sc.scale);
-                mm(n, d, nq, &mut dv_h[lo * d..hi * d], d, true, (&p, 1, n), (do_b, d, 1), 1.0);
-            }
+                mm(n, d, nq, &mut dv_h[lo * d..hi * d], d, true, (p, 1, n), (do_b, d, 1), 1.0);
+            });
             (dk_h, dv_h)
         })
         .collect();
+    // Onto the key/value heads.
     for (bh, (dk_h, dv_h)) in per_head.iter().enumerate() {
-        let g = (bh / h) * kvh + (bh % h) / (h / kvh);
-        for (acc, x) in dk[g * t * d..(g + 1) * t * d].iter_mut().zip(dk_h) {
-            *acc += x;
-        }
-        for (acc, x) in dv[g * t * d..(g + 1) * t * d].iter_mut().zip(dv_h) {
-            *acc += x;
+        let g = sh.kv_head(bh);
+        for (acc, part) in [(&mut dk, dk_h), (&mut dv, dv_h)] {
+            for (a, x) in acc[g * t * d..(g + 1) * t * d].iter_mut().zip(part) {
+                *a += x;
+            }
         }
     }
     [dq, dk, dv]
@@ -298,20 +330,42 @@ fn softmax_row(row: &mut [f32]) {
 
 /// `x = exp(x - max)` for every element; returns their sum.
 fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code, reason = "the CPU was checked for the feature by isa()")]
+        // SAFETY: AVX-512F is available.
+        Isa::Avx512 => unsafe { exp_shifted_avx512(row, max) },
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code, reason = "the CPU was checked for the features by isa()")]
+        // SAFETY: AVX2 and FMA are available.
+        Isa::Avx2 => unsafe { exp_shifted_avx2(row, max) },
+        _ => exp_shifted_generic(row, max),
+    }
+}
+
+/// The widest vector instructions this CPU has that the element-wise kernels here are compiled for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Isa {
+    /// AVX-512F: 16 f32 lanes.
+    Avx512,
+    /// AVX2 with FMA: 8 lanes.
+    Avx2,
+    /// Whatever the build targets.
+    Plain,
+}
+
+/// [`Isa`] of this CPU (the standard library caches the detection).
+pub(crate) fn isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
-            #[allow(unsafe_code, reason = "the CPU was just checked for the feature")]
-            // SAFETY: AVX-512F is available.
-            return unsafe { exp_shifted_avx512(row, max) };
+            return Isa::Avx512;
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            #[allow(unsafe_code, reason = "the CPU was just checked for the features")]
-            // SAFETY: AVX2 and FMA are available.
-            return unsafe { exp_shifted_avx2(row, max) };
+            return Isa::Avx2;
         }
     }
-    exp_shifted_generic(row, max)
+    Isa::Plain
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -8,7 +8,7 @@
 //! burn's element-wise kernels call the C library's `expf` per element.
 
 use burn::backend::Flex;
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
@@ -17,7 +17,7 @@ use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use crate::cpu_attention::exp;
+use crate::cpu_attention::{Isa, exp, isa};
 use crate::host::Host;
 
 type Ad = Autodiff<Flex>;
@@ -71,27 +71,6 @@ fn backward_avx512(g: &[f32], u: &[f32], d: &[f32], dg: &mut [f32], du: &mut [f3
 #[target_feature(enable = "avx2,fma")]
 fn backward_avx2(g: &[f32], u: &[f32], d: &[f32], dg: &mut [f32], du: &mut [f32]) {
     backward_generic(g, u, d, dg, du);
-}
-
-/// Which vector width this CPU runs.
-#[derive(Clone, Copy)]
-enum Isa {
-    Avx512,
-    Avx2,
-    Plain,
-}
-
-fn isa() -> Isa {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return Isa::Avx512;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            return Isa::Avx2;
-        }
-    }
-    Isa::Plain
 }
 
 /// `silu(g) * u`, element-wise over slices of one length.
@@ -168,7 +147,7 @@ fn run(g: &FlexTensor, u: &FlexTensor) -> FlexTensor {
 /// `silu(gate) * up` for `[batch, seq, intermediate]` tensors, recorded as one operation under autodiff.
 /// `None` unless both are f32 on the CPU with the same shape; the caller then uses burn's operations.
 pub fn swiglu(gate: &Tensor<3>, up: &Tensor<3>) -> Option<Tensor<3>> {
-    if gate.dtype() != DType::F32 || up.dtype() != DType::F32 || gate.device() != Device::flex() {
+    if gate.dtype() != DType::F32 || up.dtype() != DType::F32 || !crate::device::is_cpu(&gate.device()) {
         return None;
     }
     if gate.dims() != up.dims() {
@@ -194,6 +173,7 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests fail by panicking")]
 
     use super::*;
+    use burn::tensor::Device;
     use burn::tensor::Distribution;
     use burn::tensor::activation::silu;
 
