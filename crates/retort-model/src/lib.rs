@@ -14,6 +14,7 @@ pub mod attention_grad;
 pub mod batch;
 pub mod builtin;
 pub mod cpu_attention;
+pub mod dense;
 pub mod device;
 pub mod dtype;
 pub mod error;
@@ -30,6 +31,7 @@ pub mod model;
 pub mod nf4;
 pub mod norm;
 pub mod rope;
+pub mod rope_cpu;
 pub mod swiglu;
 pub mod walk;
 

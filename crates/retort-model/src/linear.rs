@@ -57,10 +57,13 @@ impl Weight {
     }
 }
 
-/// `x W^T` for `x` `[m, in]` and `w` `[out, in]`: the decode kernel when it applies (a few rows, f32,
-/// CPU, no autodiff), else a matmul reading `w` transposed in place.
+/// `x W^T` for `x` `[m, in]` and `w` `[out, in]`: on the CPU in f32 without autodiff the decode kernel
+/// (a few rows) or `gemm` called directly (more rows), else a matmul reading `w` transposed in place.
 pub(crate) fn project(x: &Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
-    match crate::gemv::project(x, w) {
+    if let Some(y) = crate::gemv::project(x, w) {
+        return y;
+    }
+    match crate::dense::project(x, w) {
         Some(y) => y,
         None => x.clone().matmul(w.clone().transpose()),
     }

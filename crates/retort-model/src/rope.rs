@@ -173,8 +173,17 @@ impl Rope {
 }
 
 /// `x * cos + rotate_half(x) * sin` on the first `rotary_dim` dimensions of each head; the rest pass
-/// through (partial rotary, Phi-3/4). `x` is `[batch, heads, seq, head_dim]`.
+/// through (partial rotary, Phi-3/4). `x` is `[batch, heads, seq, head_dim]`. One operation on the CPU
+/// in f32 ([`crate::rope_cpu`]), else [`decomposed`].
 pub fn apply(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    match crate::rope_cpu::apply(&x, cos, sin) {
+        Some(y) => y,
+        None => decomposed(x, cos, sin),
+    }
+}
+
+/// [`apply`] as burn's tensor operations: what other backends and dtypes run.
+pub fn decomposed(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     let [b, h, s, hd] = x.dims();
     let rd = cos.dims()[3];
     let (rot, pass) =
