@@ -81,8 +81,10 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// A frozen linear layer from its weight and optional bias.
+    /// A frozen linear layer from its weight and optional bias. On the CPU in f32 the weight's values
+    /// are stored transposed ([`crate::dense::cpu_layout`]); the tensor is `[out, in]` all the same.
     pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Linear {
+        let weight = crate::dense::cpu_layout(weight);
         Linear::with_weight(Weight::Dense(Param::from_tensor(weight).set_require_grad(false)), bias)
     }
 
