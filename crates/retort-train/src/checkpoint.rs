@@ -46,6 +46,12 @@ pub struct TrainState {
     /// Lowest validation loss so far, and its step.
     #[serde(default)]
     pub best_val: Option<(u64, f64)>,
+    /// The loss scaler of a base in f16 ([`crate::scaler`]); none otherwise.
+    #[serde(default)]
+    pub loss_scale: Option<crate::scaler::LossScaler>,
+    /// Steps skipped because the loss-scaled gradients overflowed (counted in `skipped_steps` too).
+    #[serde(default)]
+    pub overflow_steps: u64,
     /// What the run trains, component by component; a resume requires every value to be equal.
     pub fingerprint: BTreeMap<String, String>,
 }

@@ -11,9 +11,11 @@ pub mod optim;
 pub mod plot;
 pub mod probe;
 pub mod run;
+pub mod scaler;
 pub mod schedule;
 pub mod step;
 
 pub use optim::{AdamW, AdamWConfig};
 pub use run::{Layout, Outcome, Plan, Report, Setup, TrainError, run};
-pub use step::{MicroBatch, StepStats, train_step};
+pub use scaler::LossScaler;
+pub use step::{MicroBatch, StepStats, train_step, train_step_scaled};

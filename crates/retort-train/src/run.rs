@@ -33,8 +33,9 @@ use sha2::{Digest, Sha256};
 use crate::checkpoint::{self, CheckpointError, TrainState};
 use crate::loss::nll_sum;
 use crate::optim::{AdamW, AdamWConfig};
+use crate::scaler::LossScaler;
 use crate::schedule::LrSchedule;
-use crate::step::{MicroBatch, train_step};
+use crate::step::{MicroBatch, train_step, train_step_scaled};
 
 /// Where and how to train, decided by the caller (the command line resolves the base and device).
 #[derive(Debug, Clone)]
@@ -705,11 +706,18 @@ pub fn run(
                 tokens: 0,
                 elapsed_s: 0.0,
                 best_val: None,
+                loss_scale: None,
+                overflow_steps: 0,
                 fingerprint: fp.clone(),
             };
             (m, a, AdamW::new(opt_config), s)
         }
     };
+    // A base in f16 trains with dynamic loss scaling (f16 gradients underflow otherwise); a checkpoint
+    // carries the scaler on. (bf16 has f32's exponent range and needs none.)
+    if setup.precision == Precision::F16 && state.loss_scale.is_none() {
+        state.loss_scale = Some(LossScaler::default());
+    }
     // Activation checkpointing recomputes each layer in the backward pass (see `step`).
     model.checkpoint_layers = plan.checkpointing;
     let schedule = LrSchedule {
@@ -782,8 +790,13 @@ pub fn run(
         }
         let tokens: u64 = micro.iter().map(|m| m.batch.valid.iter().filter(|&&v| v).count() as u64).sum();
         let lr = schedule.at(state.step);
-        let (next, stats) =
-            train_step(model, &mut opt, &micro, lr, t.max_grad_norm, mix(seed, 0xd40f, state.step));
+        let step_seed = mix(seed, 0xd40f, state.step);
+        let (next, stats) = match state.loss_scale.as_mut() {
+            Some(scaler) => {
+                train_step_scaled(model, &mut opt, &micro, lr, t.max_grad_norm, step_seed, scaler)
+            }
+            None => train_step(model, &mut opt, &micro, lr, t.max_grad_norm, step_seed),
+        };
         model = next;
         state.step += 1;
         state.tokens += tokens;
@@ -792,6 +805,10 @@ pub fn run(
         session_steps += 1;
         if stats.applied {
             state.bad_streak = 0;
+        } else if stats.overflow {
+            // Loss scaling at work: the scale was halved; not a sign of divergence.
+            state.skipped_steps += 1;
+            state.overflow_steps += 1;
         } else {
             state.skipped_steps += 1;
             state.bad_streak += 1;
@@ -801,7 +818,7 @@ pub fn run(
         }
         last_step_s = started.elapsed().as_secs_f64();
         let epoch_f = state.epoch as f64 + state.cursor as f64 / plan.micro_per_epoch.max(1) as f64;
-        metrics.write(&json!({
+        let mut line = json!({
             "step": state.step,
             "epoch": (epoch_f * 1000.0).round() / 1000.0,
             "loss": stats.loss,
@@ -811,7 +828,13 @@ pub fn run(
             "tokens": tokens,
             "tokens_per_s": tokens as f64 / last_step_s.max(1e-9),
             "skipped": !stats.applied,
-        }))?;
+        });
+        if let Some(s) = &state.loss_scale {
+            // The scale for the next step, and whether this one overflowed.
+            line["loss_scale"] = json!(s.scale);
+            line["overflow"] = json!(stats.overflow);
+        }
+        metrics.write(&line)?;
         task.inc(1);
         task.set_message(&format!("loss {:.4} lr {lr:.2e}", stats.loss));
         let last = state.step == plan.total_steps;

@@ -10,6 +10,7 @@ use retort_model::{Batch, Transformer};
 
 use crate::loss::{label_chunks, label_positions, nll_of};
 use crate::optim::{AdamW, clip};
+use crate::scaler::{LossScaler, Verdict};
 
 /// A micro-batch: the model input and its labels (`[rows * len]`, -100 for none).
 #[derive(Debug, Clone)]
@@ -38,6 +39,9 @@ pub struct StepStats {
     pub label_tokens: usize,
     /// False when the loss or gradient was not finite: the adapters were left untouched.
     pub applied: bool,
+    /// Skipped because the loss-scaled gradients overflowed ([`crate::scaler`]); the scale was halved.
+    /// Such a skip is part of how loss scaling works, not a sign of a diverging run.
+    pub overflow: bool,
 }
 
 /// The names of a projection's adapter weights (the PEFT keys without `base_model.model.`).
@@ -59,7 +63,18 @@ pub fn gradients(
     micro: &[MicroBatch],
     seed: u64,
 ) -> (f64, usize, BTreeMap<String, Tensor<1>>) {
-    gradients_with_head_chunk(model, micro, seed, head_chunk_bytes(&model.device()))
+    gradients_scaled(model, micro, seed, 1.0)
+}
+
+/// [`gradients`] of the loss multiplied by `scale` (loss scaling, [`crate::scaler`]); the loss returned
+/// is not scaled, the gradients are.
+pub fn gradients_scaled(
+    model: &Transformer,
+    micro: &[MicroBatch],
+    seed: u64,
+    scale: f64,
+) -> (f64, usize, BTreeMap<String, Tensor<1>>) {
+    gradients_inner(model, micro, seed, head_chunk_bytes(&model.device()), scale)
 }
 
 /// [`gradients`] with the LM head's logits computed `head_chunk_bytes` (f32) at a time: at least one
@@ -70,6 +85,16 @@ pub fn gradients_with_head_chunk(
     seed: u64,
     head_chunk_bytes: usize,
 ) -> (f64, usize, BTreeMap<String, Tensor<1>>) {
+    gradients_inner(model, micro, seed, head_chunk_bytes, 1.0)
+}
+
+fn gradients_inner(
+    model: &Transformer,
+    micro: &[MicroBatch],
+    seed: u64,
+    head_chunk_bytes: usize,
+    scale: f64,
+) -> (f64, usize, BTreeMap<String, Tensor<1>>) {
     let total: usize = micro.iter().map(MicroBatch::label_tokens).sum();
     let mut grads: BTreeMap<String, Tensor<1>> = BTreeMap::new();
     let mut loss_sum = 0f64;
@@ -79,7 +104,7 @@ pub fn gradients_with_head_chunk(
     for (i, mb) in micro.iter().enumerate() {
         let mb_seed = seed.wrapping_mul(1_000_003).wrapping_add(i as u64);
         let value = if model.checkpoint_layers {
-            layer_by_layer(model, mb, total, mb_seed, head_chunk_bytes, &mut grads)
+            layer_by_layer(model, mb, total, mb_seed, head_chunk_bytes, scale, &mut grads)
         } else {
             // burn's random source is one per process, not per device or thread: hold it while
             // seeding and drawing this micro-batch's dropout masks (all drawn in the forward), or two
@@ -95,7 +120,7 @@ pub fn gradients_with_head_chunk(
                 hidden.clone().inner(),
                 false,
                 &mb.labels,
-                total,
+                (total, scale),
                 head_chunk_bytes,
                 &mut grads,
             ) else {
@@ -147,6 +172,7 @@ fn layer_by_layer(
     total: usize,
     seed: u64,
     head_chunk_bytes: usize,
+    scale: f64,
     grads: &mut BTreeMap<String, Tensor<1>>,
 ) -> Option<f64> {
     let layers = model.config.num_layers;
@@ -164,7 +190,8 @@ fn layer_by_layer(
     }
     drop(plain_inputs);
     // The loss head: final norm, LM head, cross-entropy.
-    let (value, mut upstream) = head_in_chunks(model, x, true, &mb.labels, total, head_chunk_bytes, grads)?;
+    let (value, mut upstream) =
+        head_in_chunks(model, x, true, &mb.labels, (total, scale), head_chunk_bytes, grads)?;
 
     let inputs = model.train_inputs(&mb.batch);
     for i in (0..layers).rev() {
@@ -207,13 +234,14 @@ pub use retort_model::memory::{HEAD_CHUNK_BYTES, head_chunk_bytes};
 /// first when `norm`), a chunk of label positions at a time, each chunk differentiated on its own:
 /// only one chunk's logits and log-softmax exist at once instead of every label position's (for a
 /// 32k vocabulary and 2,048 label tokens, 32 MiB instead of 0.75 GiB). Adds the LM head's adapter
-/// gradients to `grads`; returns the loss (divided by `total`) and its gradient with respect to `x`.
+/// gradients to `grads`; returns the loss (divided by `total`) and its gradient with respect to `x`,
+/// both of the loss multiplied by `scale` (the value returned is not).
 fn head_in_chunks(
     model: &Transformer,
     x: Tensor<3>,
     norm: bool,
     labels: &[i64],
-    total: usize,
+    (total, scale): (usize, f64),
     chunk_bytes: usize,
     grads: &mut BTreeMap<String, Tensor<1>>,
 ) -> Option<(f64, Tensor<3>)> {
@@ -235,7 +263,7 @@ fn head_in_chunks(
             Some(v) => v + detached,
             None => detached,
         });
-        let g = loss.backward();
+        let g = if scale == 1.0 { loss.backward() } else { loss.mul_scalar(scale).backward() };
         collect(model, &g, grads);
         let gx = x.grad(&g)?.inner();
         upstream = Some(match upstream {
@@ -294,14 +322,61 @@ pub fn train_step(
     max_grad_norm: f64,
     seed: u64,
 ) -> (Transformer, StepStats) {
-    let (loss, total, mut grads) = gradients(&model, micro, seed);
+    step_with(model, opt, micro, (lr, max_grad_norm), seed, None)
+}
+
+/// [`train_step`] with dynamic loss scaling (a base in f16, [`crate::scaler`]): the backward pass
+/// runs on the loss times `scaler.scale`, the gradients are divided by it before clipping, and a step
+/// whose gradients overflow is skipped with `overflow` set while the scale backs off.
+pub fn train_step_scaled(
+    model: Transformer,
+    opt: &mut AdamW,
+    micro: &[MicroBatch],
+    lr: f64,
+    max_grad_norm: f64,
+    seed: u64,
+    scaler: &mut LossScaler,
+) -> (Transformer, StepStats) {
+    step_with(model, opt, micro, (lr, max_grad_norm), seed, Some(scaler))
+}
+
+fn step_with(
+    model: Transformer,
+    opt: &mut AdamW,
+    micro: &[MicroBatch],
+    (lr, max_grad_norm): (f64, f64),
+    seed: u64,
+    scaler: Option<&mut LossScaler>,
+) -> (Transformer, StepStats) {
+    let scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+    let (loss, total, mut grads) = gradients_scaled(&model, micro, seed, scale);
+    let skipped = |loss, grad_norm, overflow| StepStats {
+        loss,
+        grad_norm,
+        label_tokens: total,
+        applied: false,
+        overflow,
+    };
     if total == 0 {
-        return (model, StepStats { loss: 0.0, grad_norm: 0.0, label_tokens: 0, applied: false });
+        return (model, skipped(0.0, 0.0, false));
+    }
+    if scale != 1.0 {
+        for g in grads.values_mut() {
+            *g = g.clone().div_scalar(scale);
+        }
     }
     let grad_norm = clip(&mut grads, max_grad_norm);
-    if !loss.is_finite() || !grad_norm.is_finite() {
-        return (model, StepStats { loss, grad_norm, label_tokens: total, applied: false });
+    // A non-finite loss comes from the forward pass, which no scale changes.
+    if !loss.is_finite() {
+        return (model, skipped(loss, grad_norm, false));
+    }
+    match scaler.map(|s| s.update(grad_norm.is_finite())) {
+        Some(Verdict::Overflow) => return (model, skipped(loss, grad_norm, true)),
+        Some(Verdict::NonFinite) => return (model, skipped(loss, grad_norm, false)),
+        Some(Verdict::Apply) => {}
+        None if !grad_norm.is_finite() => return (model, skipped(loss, grad_norm, false)),
+        None => {}
     }
     let model = apply(model, opt, &grads, lr);
-    (model, StepStats { loss, grad_norm, label_tokens: total, applied: true })
+    (model, StepStats { loss, grad_norm, label_tokens: total, applied: true, overflow: false })
 }

@@ -108,7 +108,10 @@ fn setup(p: &Project, fresh: bool) -> Setup {
         base_name: "builtin:tiny-llama".into(),
         device: Device::flex(),
         gpu: false,
-        precision: Precision::F32,
+        precision: match recipe(p).base.dtype {
+            retort_recipe::schema::project::Dtype::F16 => Precision::F16,
+            _ => Precision::F32,
+        },
         fresh,
     }
 }
@@ -314,4 +317,52 @@ fn qlora_learns_and_resumes_to_the_same_bits() {
     let dense = project("max_steps = 16\nlr = 1e-2");
     let Outcome::Finished(_) = run(&dense, false).unwrap() else { panic!("not finished") };
     assert_ne!(losses(&whole), losses(&dense));
+}
+
+#[test]
+fn an_f16_base_trains_with_loss_scaling_and_resumes_to_the_same_bits() {
+    let f16 = |p: &Project| {
+        let path = p.root.join("recipe.toml");
+        let text = std::fs::read_to_string(&path).unwrap().replace("dtype = \"f32\"\n", "dtype = \"f16\"\n");
+        std::fs::write(&path, text).unwrap();
+    };
+    let whole = project("");
+    f16(&whole);
+    let Outcome::Finished(report) = run(&whole, false).unwrap() else { panic!("not finished") };
+    assert_eq!(report.fingerprint["base.precision"], "f16");
+    assert_eq!(report.steps, 8);
+    let steps: Vec<serde_json::Value> = metrics(&whole).into_iter().filter(|v| v["loss"].is_f64()).collect();
+    assert_eq!(steps.len(), 8);
+    for v in &steps {
+        let scale = v["loss_scale"].as_f64().expect("every step logs the loss scale");
+        assert!(
+            (1.0..=retort_train::scaler::INITIAL_SCALE).contains(&scale) && scale.log2().fract() == 0.0,
+            "{v}"
+        );
+        assert!(v["loss"].as_f64().unwrap().is_finite());
+        assert_eq!(v["overflow"].as_bool(), Some(v["skipped"].as_bool().unwrap()), "{v}");
+    }
+    assert!(steps.iter().any(|v| !v["skipped"].as_bool().unwrap()), "no step was applied");
+    // The f32 run logs no scale.
+    let plain = project("max_steps = 2");
+    run(&plain, false).unwrap();
+    assert!(metrics(&plain).iter().all(|v| v.get("loss_scale").is_none()));
+
+    // Stopped after 5 steps and resumed: the checkpoint carries the scaler, so the run ends where the
+    // uninterrupted one does.
+    let parts = project("");
+    f16(&parts);
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = StopAfter { after: 5, seen: Arc::new(AtomicU64::new(0)), stop: stop.clone() };
+    let out = retort_train::run(&recipe(&parts), &setup(&parts, false), &progress, &stop).unwrap();
+    let Outcome::Stopped { checkpoint, .. } = out else { panic!("did not stop") };
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(checkpoint.join("state.json")).unwrap()).unwrap();
+    assert!(state["loss_scale"]["scale"].is_f64(), "{state}");
+    let Outcome::Finished(_) = run(&parts, false).unwrap() else { panic!("not finished") };
+    let lines = |p: &Project| -> Vec<String> {
+        metrics(p).iter().map(|v| format!("{}|{}|{}", v["loss"], v["val_loss"], v["loss_scale"])).collect()
+    };
+    assert_eq!(lines(&whole), lines(&parts));
+    assert!(adapter_bytes(&whole) == adapter_bytes(&parts), "resumed adapter differs");
 }
