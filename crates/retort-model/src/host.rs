@@ -20,6 +20,18 @@ impl Host {
         Host::Copy(data.try_into_vec::<f32>().unwrap_or_default())
     }
 
+    /// The values of `t`, an f32 tensor of any rank from 1 to 6.
+    pub(crate) fn of_any(t: FlexTensor) -> Self {
+        match t.layout().shape().num_dims() {
+            1 => Host::of::<1>(t),
+            2 => Host::of::<2>(t),
+            3 => Host::of::<3>(t),
+            4 => Host::of::<4>(t),
+            5 => Host::of::<5>(t),
+            _ => Host::of::<6>(t),
+        }
+    }
+
     /// The values.
     pub(crate) fn values(&self) -> &[f32] {
         match self {

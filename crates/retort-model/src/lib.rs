@@ -30,6 +30,7 @@ pub mod mlp;
 pub mod model;
 pub mod nf4;
 pub mod norm;
+pub mod norm_cpu;
 pub mod rope;
 pub mod rope_cpu;
 pub mod swiglu;

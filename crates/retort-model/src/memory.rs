@@ -102,7 +102,9 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     let q = (c.num_heads * c.head_dim) as f64;
     let kv = (c.num_kv_heads * c.head_dim) as f64;
     // What one layer's backward needs, in `dtype`: each of the two norms keeps its input, the
-    // normalised values and its output (the projections' input); attention keeps q and k after RoPE,
+    // normalised values and its output (the projections' input), or only input and output where the
+    // norm is one recorded operation (`norm_cpu`, with the CPU's fused attention); attention keeps q and
+    // k after RoPE,
     // v and its output (o_proj's input); the gated MLP keeps gate, its sigmoid, the activation, up and
     // their product (down_proj's input), or only gate, up and product where SwiGLU is one recorded
     // operation (`swiglu`, with the CPU's fused attention). In f32 whatever the dtype: the softmax's
@@ -111,7 +113,8 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     let scores = s.batch as f64 * heads * (s.seq as f64).powi(2) * 4.0;
     let kept_scores = if s.fused_attention { 0.0 } else { 2.0 * scores };
     let mlp_kept = if s.fused_attention && c.activation == retort_hf::Activation::Silu { 3.0 } else { 5.0 };
-    let per_layer = tokens * (6.0 * h + 2.0 * q + 2.0 * kv + mlp_kept * ff) * b
+    let norm_kept = if s.fused_attention { 4.0 } else { 6.0 };
+    let per_layer = tokens * (norm_kept * h + 2.0 * q + 2.0 * kv + mlp_kept * ff) * b
         + kept_scores
         + 7.0 * tokens * s.rank as f64 * 4.0;
     // Plus, during the backward pass, one layer's worth of gradients of those tensors (and, with
@@ -177,8 +180,13 @@ mod tests {
         // And SwiGLU as one operation keeps gate, up and product, not also the sigmoid and SiLU
         // (2 x 2048 tokens x 14336, bf16).
         let swiglu = 33.0 * 2.0 * 2048.0 * 14336.0 * 2.0;
+        // And the two RMSNorms as one operation each keep input and output, not the normalised values
+        // (2 x 2048 tokens x 4096, bf16).
+        let norms = 33.0 * 2.0 * 2048.0 * 4096.0 * 2.0;
         assert!(
-            (full.activations - fused.activations - (33.0 * 2.0 * scores - head_grads + swiglu)).abs() < 1.0
+            (full.activations - fused.activations - (33.0 * 2.0 * scores - head_grads + swiglu + norms))
+                .abs()
+                < 1.0
         );
     }
 }
