@@ -329,7 +329,7 @@ fn softmax_row(row: &mut [f32]) {
 }
 
 /// `x = exp(x - max)` for every element; returns their sum.
-fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
+pub(crate) fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
     match isa() {
         #[cfg(target_arch = "x86_64")]
         #[allow(unsafe_code, reason = "the CPU was checked for the feature by isa()")]

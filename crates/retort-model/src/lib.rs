@@ -35,6 +35,7 @@ pub mod rope;
 pub mod rope_cpu;
 pub mod swiglu;
 pub mod walk;
+pub mod xent;
 
 pub use batch::Batch;
 pub use burn;

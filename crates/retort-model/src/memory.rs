@@ -129,8 +129,10 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     // are summed onto the key/value heads.
     let head_grads = 2.0 * tokens * q * 4.0;
     let activations = activations + if s.fused_attention { head_grads } else { 0.0 };
-    // f32 logits, their log-softmax (kept) and its gradient, for one chunk of label positions.
-    let logits = (tokens * c.vocab_size as f64 * 4.0).min(s.head_chunk_bytes as f64) * 3.0;
+    // f32 logits, their log-softmax (kept) and its gradient, for one chunk of label positions; the
+    // CPU's cross-entropy (`xent`, with the fused attention) keeps no log-softmax.
+    let kept = if s.fused_attention { 2.0 } else { 3.0 };
+    let logits = (tokens * c.vocab_size as f64 * 4.0).min(s.head_chunk_bytes as f64) * kept;
     let process = if s.cpu { CPU_PROCESS_BYTES } else { 0.0 };
     MemoryEstimate { weights, adapters, activations, logits, process }
 }

@@ -64,6 +64,10 @@ pub fn nll_of(model: &Transformer, selected: Tensor<3>, targets: Vec<i64>) -> Te
     let device = selected.device();
     let logits = model.logits(selected).reshape([n, model.config.vocab_size]);
     let logits = if logits.dtype() == DType::F32 { logits } else { logits.cast(DType::F32) };
+    // One operation on the CPU (`retort_model::xent`), else burn's log-softmax.
+    if let Some(nll) = retort_model::xent::nll_sum(&logits, &targets) {
+        return nll;
+    }
     let logp = log_softmax(logits, 1);
     let tgt = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
     logp.gather(1, tgt).sum().neg()
