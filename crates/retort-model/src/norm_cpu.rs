@@ -70,10 +70,9 @@ fn backward(x: &[f32], g: &[f32], dy: &[f32], eps: f32) -> Vec<f32> {
     let dim = g.len();
     let mut dx = vec![0f32; x.len()];
     let rows = (CHUNK / dim).max(1) * dim;
-    let mut dn = vec![0f32; 0];
     dx.par_chunks_mut(rows).zip(x.par_chunks(rows)).zip(dy.par_chunks(rows)).for_each_init(
-        || dn.clone(),
-        |dn, ((dx, x), dy)| {
+        Vec::new,
+        |dn: &mut Vec<f32>, ((dx, x), dy)| {
             dn.resize(dim, 0.0);
             for ((dx, x), dy) in dx.chunks_exact_mut(dim).zip(x.chunks_exact(dim)).zip(dy.chunks_exact(dim)) {
                 let r = inv_rms(x, eps);
@@ -88,7 +87,6 @@ fn backward(x: &[f32], g: &[f32], dy: &[f32], eps: f32) -> Vec<f32> {
             }
         },
     );
-    dn.clear();
     dx
 }
 
