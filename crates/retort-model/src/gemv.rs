@@ -87,11 +87,16 @@ pub fn project_slices_t(x: &[f32], wt: &[f32], m: usize, k: usize, n: usize) -> 
         })
         .collect();
     let mut y = parts.swap_remove(0);
-    for part in &parts {
-        for (a, b) in y.iter_mut().zip(part) {
-            *a += b;
+    // The partial outputs summed a range of columns per thread (`m x n` each: with many threads and
+    // rows, a serial sum would rival the product).
+    const SUM_CHUNK: usize = 1 << 12;
+    y.par_chunks_mut(SUM_CHUNK).enumerate().for_each(|(c, out)| {
+        for part in &parts {
+            for (a, b) in out.iter_mut().zip(&part[c * SUM_CHUNK..]) {
+                *a += b;
+            }
         }
-    }
+    });
     y
 }
 
@@ -660,6 +665,7 @@ mod tests {
             (16, 768, 96),
             (2, 300, 700),
             (11, 40, 100),
+            (9, 200, 1000),
         ] {
             let x = random(m * k, (m * 31 + k) as u64);
             let w = random(n * k, (n * 17 + k) as u64);
