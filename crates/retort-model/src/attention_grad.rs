@@ -12,7 +12,6 @@
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData};
-use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
@@ -21,8 +20,7 @@ use burn_flex::FlexTensor;
 
 use crate::cpu_attention::{self, Scores, Shape};
 use crate::host::Host;
-
-type Ad = Autodiff<Flex>;
+use crate::recorded::Ad;
 
 #[derive(Debug)]
 struct AttentionBackward {
@@ -99,10 +97,7 @@ pub fn fused(
         return None;
     }
     let scores = Scores { scale: scale as f32, softcap: softcap.map(|c| c as f32) };
-    let mp = match mask.clone().try_into_primitive::<Ad>() {
-        Ok(m) => m.into_primitive(),
-        Err(_) => mask.clone().try_into_primitive::<Flex>().ok()?,
-    };
+    let mp = crate::recorded::untracked(mask)?;
     if !q.is_autodiff() {
         let (qp, kp, vp) = (
             q.clone().try_into_primitive::<Flex>().ok()?,

@@ -12,14 +12,10 @@
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData};
-use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
-use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::ops::{Backward, Ops};
 use burn_flex::FlexTensor;
-
-type Ad = Autodiff<Flex>;
 
 /// The weight `w` (`[out, in]`) as the CPU keeps it in f32: its values stored `[in, out]`, the
 /// tensor a transposed view of them, so it is still `[out, in]` to every reader. gemm reads such a
@@ -119,29 +115,15 @@ pub fn project(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
     if m == 0 || n == 0 || k == 0 || k != wk || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
         return None;
     }
-    let run = |xf: &FlexTensor, wf: &FlexTensor| -> Option<FlexTensor> {
-        let y = product(&Operand::of(xf)?, &Operand::of(wf)?);
-        Some(FlexTensor::from_data(TensorData::new(y, [m, n])))
-    };
-    if !x.is_autodiff() {
-        let xf = x.clone().try_into_primitive::<Flex>().ok()?;
-        let wf = w.clone().try_into_primitive::<Flex>().ok()?;
-        return Some(Tensor::from_primitive::<Flex>(run(&xf, &wf)?));
-    }
+    // Under autodiff the weight must be a constant: base weights are frozen.
     if w.is_require_grad() || !crate::device::is_cpu(&x.device()) {
         return None;
     }
-    let wf = match w.clone().try_into_primitive::<Ad>() {
-        Ok(p) => p.into_primitive(),
-        Err(_) => w.clone().try_into_primitive::<Flex>().ok()?,
-    };
-    let (xf, node) = x.clone().try_into_primitive::<Ad>().ok()?.into_parts();
-    let out = run(&xf, &wf)?;
-    let recorded = match ProjectBackward.prepare::<NoCheckpointing>([node]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish(wf, out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    };
-    Some(Tensor::from_primitive::<Ad>(recorded))
+    let wf = crate::recorded::untracked(w)?;
+    crate::recorded::unary(x, ProjectBackward, |xf| {
+        let y = product(&Operand::of(xf)?, &Operand::of(&wf)?);
+        Some((FlexTensor::from_data(TensorData::new(y, [m, n])), wf.clone()))
+    })
 }
 
 /// `x w^T`, row-major `[x.rows, w.rows]`.

@@ -31,6 +31,7 @@ pub mod model;
 pub mod nf4;
 pub mod norm;
 pub mod norm_cpu;
+mod recorded;
 pub mod rope;
 pub mod rope_cpu;
 pub mod swiglu;

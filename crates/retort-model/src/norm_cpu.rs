@@ -14,17 +14,14 @@
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData};
-use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
-use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::ops::{Backward, Ops};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use crate::host::Host;
-
-type Ad = Autodiff<Flex>;
+use crate::recorded::unary;
 
 /// Elements per parallel task (whole rows).
 const CHUNK: usize = 1 << 14;
@@ -131,22 +128,11 @@ pub fn rms_norm<const D: usize>(
     let w = weight.clone().inner().into_data().convert::<f32>().try_into_vec::<f32>().ok()?;
     let g: Vec<f32> = if plus_one { w.iter().map(|v| 1.0 + v).collect() } else { w };
     let eps = eps as f32;
-    let run = |xp: &FlexTensor| {
+    unary(x, NormBackward { eps }, |xp| {
         let shape = xp.layout().shape().clone();
-        let xh = Host::of_any(xp.clone());
-        FlexTensor::from_data(TensorData::new(forward(xh.values(), &g, eps), shape))
-    };
-    if !x.is_autodiff() {
-        return Some(Tensor::from_primitive::<Flex>(run(&x.clone().try_into_primitive::<Flex>().ok()?)));
-    }
-    let (xp, node) = x.clone().try_into_primitive::<Ad>().ok()?.into_parts();
-    let out = run(&xp);
-    let recorded = match (NormBackward { eps }).prepare::<NoCheckpointing>([node]).compute_bound().stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish((xp, g), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    };
-    Some(Tensor::from_primitive::<Ad>(recorded))
+        let y = forward(Host::of_any(xp.clone()).values(), &g, eps);
+        Some((FlexTensor::from_data(TensorData::new(y, shape)), (xp.clone(), g.clone())))
+    })
 }
 
 #[cfg(test)]

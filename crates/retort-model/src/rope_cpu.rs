@@ -13,17 +13,15 @@
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData};
-use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
-use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::ops::{Backward, Ops};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use crate::gemv::contiguous;
 use crate::host::Host;
-
-type Ad = Autodiff<Flex>;
+use crate::recorded::{unary, untracked};
 
 /// Elements below which one thread rotates them all.
 const PARALLEL_MIN_ELEMENTS: usize = 1 << 14;
@@ -126,11 +124,6 @@ fn rotate(x: &Strided<'_>, cos: &[f32], sin: &[f32], rd: usize, dir: Direction) 
     out
 }
 
-/// The values of a contiguous f32 tensor.
-fn contiguous(t: &FlexTensor) -> Option<&[f32]> {
-    crate::gemv::contiguous(t)
-}
-
 #[derive(Debug)]
 struct RopeBackward;
 
@@ -158,14 +151,6 @@ impl Backward<Flex, 1> for RopeBackward {
     }
 }
 
-/// The primitive of an untracked tensor, under autodiff or not.
-fn plain(t: &Tensor<4>) -> Option<FlexTensor> {
-    match t.clone().try_into_primitive::<Ad>() {
-        Ok(p) => Some(p.into_primitive()),
-        Err(_) => t.clone().try_into_primitive::<Flex>().ok(),
-    }
-}
-
 /// `x cos + rotate_half(x) sin` on the first `rotary_dim` dimensions of each head of `x` (`[b, heads,
 /// s, d]`, any layout), the rest passed through, for `cos`/`sin` `[b, 1, s, rotary_dim]`; contiguous,
 /// recorded as one operation under autodiff. `None` unless all are f32 on the CPU and the shapes fit;
@@ -179,22 +164,12 @@ pub fn apply(x: &Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Option<Tensor<4
     if cos.dims() != [b, 1, s, rd] || sin.dims() != cos.dims() || !rd.is_multiple_of(2) || rd > d || rd == 0 {
         return None;
     }
-    let (cp, sp) = (plain(cos)?, plain(sin)?);
+    let (cp, sp) = (untracked(cos)?, untracked(sin)?);
     let (c, s_) = (contiguous(&cp)?, contiguous(&sp)?);
-    let run = |xp: &FlexTensor| -> Option<FlexTensor> {
+    unary(x, RopeBackward, |xp| {
         let out = rotate(&Strided::of(xp)?, c, s_, rd, Direction::Forward);
-        Some(FlexTensor::from_data(TensorData::new(out, x.dims())))
-    };
-    if !x.is_autodiff() {
-        return Some(Tensor::from_primitive::<Flex>(run(&x.clone().try_into_primitive::<Flex>().ok()?)?));
-    }
-    let (xp, node) = x.clone().try_into_primitive::<Ad>().ok()?.into_parts();
-    let out = run(&xp)?;
-    let recorded = match RopeBackward.prepare::<NoCheckpointing>([node]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((cp, sp), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    };
-    Some(Tensor::from_primitive::<Ad>(recorded))
+        Some((FlexTensor::from_data(TensorData::new(out, x.dims())), (cp.clone(), sp.clone())))
+    })
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData};
-use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
@@ -19,8 +18,7 @@ use rayon::prelude::*;
 
 use crate::cpu_attention::{Isa, exp, isa};
 use crate::host::Host;
-
-type Ad = Autodiff<Flex>;
+use crate::recorded::Ad;
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;

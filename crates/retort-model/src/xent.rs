@@ -10,18 +10,15 @@
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData};
-use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
-use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::ops::{Backward, Ops};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use crate::cpu_attention::exp_shifted;
 use crate::host::Host;
-
-type Ad = Autodiff<Flex>;
+use crate::recorded::unary;
 
 /// Each row's `logsumexp` and negative log-likelihood of its target.
 fn forward(logits: &[f32], vocab: usize, targets: &[usize]) -> Vec<(f32, f32)> {
@@ -85,26 +82,12 @@ pub fn nll_sum(logits: &Tensor<2>, targets: &[i64]) -> Option<Tensor<1>> {
     }
     let targets: Vec<usize> =
         targets.iter().map(|&t| usize::try_from(t).ok().filter(|&t| t < vocab)).collect::<Option<_>>()?;
-    let run = |xp: &FlexTensor| {
-        let x = Host::of::<2>(xp.clone());
-        let per_row = forward(x.values(), vocab, &targets);
+    unary(logits, XentBackward, |xp| {
+        let per_row = forward(Host::of::<2>(xp.clone()).values(), vocab, &targets);
         let total = per_row.iter().map(|&(_, nll)| f64::from(nll)).sum::<f64>() as f32;
-        (
-            FlexTensor::from_data(TensorData::new(vec![total], [1])),
-            per_row.into_iter().map(|(l, _)| l).collect::<Vec<_>>(),
-        )
-    };
-    if !logits.is_autodiff() {
-        let (out, _) = run(&logits.clone().try_into_primitive::<Flex>().ok()?);
-        return Some(Tensor::from_primitive::<Flex>(out));
-    }
-    let (xp, node) = logits.clone().try_into_primitive::<Ad>().ok()?.into_parts();
-    let (out, lse) = run(&xp);
-    let recorded = match XentBackward.prepare::<NoCheckpointing>([node]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((xp, targets, lse), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    };
-    Some(Tensor::from_primitive::<Ad>(recorded))
+        let lse = per_row.into_iter().map(|(l, _)| l).collect();
+        Some((FlexTensor::from_data(TensorData::new(vec![total], [1])), (xp.clone(), targets.clone(), lse)))
+    })
 }
 
 #[cfg(test)]
