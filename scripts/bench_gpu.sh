@@ -11,7 +11,9 @@
 # tokens (default 4 x 2048, every token a label), LoRA r=16 alpha=32 on every linear layer, AdamW lr 1e-4,
 # clipping at 1.0, activation checkpointing per layer on both sides (CHECKPOINTING=0 turns it off), base
 # in bf16 (lora) or NF4 with double quantization and bf16 compute (qlora), adapters and optimizer state
-# in f32 on both sides. WARMUP untimed steps (default 2: the first one compiles and autotunes kernels),
+# in f32 on both sides. The adapters' matmuls run in bf16 on both sides (retort's `train.autocast`, on by
+# default on GPUs; `torch.autocast` for PEFT, as HF Trainer's `bf16=True` does); AUTOCAST=0 runs them in
+# f32 on both sides instead. WARMUP untimed steps (default 2: the first one compiles and autotunes kernels),
 # then STEPS timed steps (default 3).
 #
 # Printed per row: tokens/s; peak device memory as nvidia-smi saw it for the process (sampled every
@@ -50,6 +52,7 @@ ROWS=${ROWS:-4}
 WARMUP=${WARMUP:-2}
 STEPS=${STEPS:-3}
 CHECKPOINTING=${CHECKPOINTING:-1}
+AUTOCAST=${AUTOCAST:-1}
 RETORT_DEVICE=${RETORT_DEVICE:-wgpu:0}
 PEFT_DEVICE=${PEFT_DEVICE:-cuda}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}
@@ -112,6 +115,7 @@ retort_row() { # NAME ARGS...
 
 CK=()
 [ "$CHECKPOINTING" = 1 ] && CK=(--checkpointing)
+[ "$AUTOCAST" = 1 ] && CK+=(--autocast)
 for shape in $SHAPES; do
     if [ -e "$WORK/$shape/batch.json" ]; then
         echo "== $shape: model and batch kept in $WORK/$shape"

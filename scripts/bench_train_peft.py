@@ -2,7 +2,7 @@
 `bench_train` example, printed as the same JSON fields.
 
     python scripts/bench_train_peft.py MODEL_DIR BATCH_JSON WARMUP STEPS THREADS [--profile]
-        [--checkpointing] [--device cpu|cuda] [--precision f32|bf16] [--nf4]
+        [--checkpointing] [--device cpu|cuda] [--precision f32|bf16] [--nf4] [--autocast]
 
 transformers' LlamaForCausalLM in f32 (sdpa attention), PEFT LoRA r=16 alpha=32 on all linear layers,
 dropout 0, torch AdamW (lr 1e-4, eps 1e-8, no weight decay), gradients clipped at global norm 1.0, one
@@ -10,11 +10,14 @@ fixed batch with every token a label. Peak RSS is the process's VmHWM.
 
 For `scripts/bench_gpu.sh`: `--device cuda` runs on the GPU and adds torch's peak allocated and reserved
 device bytes; `--precision bf16` loads the base in bf16 (PEFT keeps the adapters in f32, as retort does);
-`--nf4` is QLoRA through bitsandbytes (NF4, double quantization, bf16 compute), as PEFT users run it.
+`--nf4` is QLoRA through bitsandbytes (NF4, double quantization, bf16 compute), as PEFT users run it;
+`--autocast` (with bf16) runs the forward under `torch.autocast`, as HF Trainer's `bf16=True` does, so
+the adapters' matmuls run in bf16 (retort's `train.autocast`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -44,6 +47,7 @@ def main() -> None:
     nf4 = "--nf4" in rest
     device = rest[rest.index("--device") + 1] if "--device" in rest else "cpu"
     precision = rest[rest.index("--precision") + 1] if "--precision" in rest else "f32"
+    autocast = "--autocast" in rest and precision != "f32"
 
     import peft
     import torch
@@ -82,8 +86,14 @@ def main() -> None:
 
     losses = []
 
+    def forward():
+        if not autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cpu" if device == "cpu" else "cuda", dtype=dtype)
+
     def step() -> None:
-        out = model(input_ids=ids, labels=ids)
+        with forward():
+            out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -109,11 +119,13 @@ def main() -> None:
     if profile:
         t = time.perf_counter()
         with torch.no_grad():
-            model(input_ids=ids, labels=ids).loss.item()
+            with forward():
+                model(input_ids=ids, labels=ids).loss.item()
         rss_before = status_bytes("VmRSS:")
         reset_peak()
         t1 = time.perf_counter()
-        out = model(input_ids=ids, labels=ids)
+        with forward():
+            out = model(input_ids=ids, labels=ids)
         out.loss.item()
         t2 = time.perf_counter()
         rss_forward, peak_forward = status_bytes("VmRSS:"), status_bytes("VmHWM:")
@@ -142,6 +154,7 @@ def main() -> None:
                 "device": device,
                 "precision": precision,
                 "nf4": nf4,
+                "autocast": autocast,
                 "gpu": gpu,
                 "threads": threads,
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},

@@ -196,6 +196,7 @@ pub fn attach(model: Transformer, spec: &AdapterSpec, seed: u64) -> Result<Trans
             magnitude,
             scale,
             dropout: spec.dropout,
+            autocast: false,
         });
         lin
     }))

@@ -177,6 +177,7 @@ pub fn load_adapter(model: Transformer, dir: &Path) -> Result<(Transformer, Adap
                 magnitude,
                 scale: cfg.scale_for(&site.path, r),
                 dropout: cfg.lora_dropout,
+                autocast: false,
             });
             Ok(())
         })();

@@ -1,7 +1,11 @@
 //! A low-rank adapter on a frozen linear layer, computed as PEFT computes it (`peft/tuners/lora/layer.py`
 //! and `dora.py`): the unmerged form `y = x W^T + s (dropout(x) A^T) B^T`, never materialising
 //! `W + s B A` (except DoRA's detached weight norm, which needs it). Adapter weights are f32 whatever the
-//! base dtype; the adapter path runs in f32 and the result is cast back to the base output's dtype.
+//! base dtype. By default the adapter path runs in f32 and the result is cast back to the base output's
+//! dtype, as PEFT does without autocast. With [`Lora::autocast`] the adapter's products run in the base's
+//! 16-bit dtype instead, as under `torch.autocast` (HF Trainer's `bf16=True`): the adapter weights are
+//! cast down on use, their gradients come back in f32, and the backward keeps the base's own 16-bit input
+//! rather than an f32 copy of it per adapter.
 //!
 //! DoRA: `y = base(x) + (m / n - 1) (x W^T) + (m / n) s (x A^T) B^T` with `n = ||W + s B A||` per output
 //! row, detached, and `m` the learned magnitude.
@@ -22,6 +26,9 @@ pub struct Lora {
     pub scale: f64,
     /// Dropout on the adapter input during training.
     pub dropout: f64,
+    /// Run plain LoRA's products in the base's dtype (bf16/f16), as `torch.autocast` does; off: in f32.
+    /// No effect with an f32 base or on DoRA, which stays in f32.
+    pub autocast: bool,
 }
 
 impl Lora {
@@ -51,6 +58,9 @@ impl Lora {
         train: bool,
     ) -> Tensor<2> {
         let out_dtype = base.dtype();
+        if self.autocast && self.magnitude.is_none() && out_dtype != DType::F32 {
+            return self.apply_autocast(x, base, train);
+        }
         let x32 = if x.dtype() == DType::F32 { x } else { x.cast(DType::F32) };
         let base32 = if out_dtype == DType::F32 { base } else { base.cast(DType::F32) };
         let a = self.a.val();
@@ -88,5 +98,16 @@ impl Lora {
             }
         };
         if out_dtype == DType::F32 { y } else { y.cast(out_dtype) }
+    }
+
+    /// Plain LoRA with both products in the base output's 16-bit dtype (`torch.autocast`): the rank-wide
+    /// intermediate and the sum are rounded to that dtype, the f32 weights are cast on use.
+    fn apply_autocast(&self, x: Tensor<2>, base: Tensor<2>, train: bool) -> Tensor<2> {
+        let dtype = base.dtype();
+        let x = if x.dtype() == dtype { x } else { x.cast(dtype) };
+        let a = self.a.val().cast(dtype);
+        let b = self.b.val().cast(dtype);
+        let xd = self.dropout_input(x, train);
+        base + xd.matmul(a.transpose()).mul_scalar(self.scale).matmul(b.transpose())
     }
 }

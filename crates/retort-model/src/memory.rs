@@ -68,6 +68,11 @@ pub struct TrainShape {
     pub head_chunk_bytes: usize,
     /// Training on the CPU, where the peak is the process's resident memory, its own included.
     pub cpu: bool,
+    /// LoRA dropout is on: each adapter keeps its own dropout mask and masked input for the backward.
+    pub dropout: bool,
+    /// The adapters' products run in the base's dtype ([`crate::lora::Lora::autocast`]). Off, with a
+    /// 16-bit base, each adapter casts its input to f32 and keeps that copy for the backward.
+    pub autocast: bool,
 }
 
 /// Resident memory of a retort process before it loads a model: code, thread stacks, allocator arenas.
@@ -80,12 +85,16 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     let mut linear = 0f64;
     let mut other = 0f64;
     let mut adapter_params = 0f64;
+    // Adapters, and the sum of their input widths, over all layers.
+    let (mut adapters, mut adapter_inputs) = (0f64, 0f64);
     for t in &specs {
         let n = t.numel() as f64;
         if t.peft_target.is_some() {
             linear += n;
             let (out, inp) = (t.shape[0] as f64, t.shape[1] as f64);
             adapter_params += s.rank as f64 * (out + inp);
+            adapters += 1.0;
+            adapter_inputs += inp;
         } else {
             other += n;
         }
@@ -93,6 +102,8 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     let b = s.dtype_bytes as f64;
     // NF4: 4 bits per weight plus double-quantized scales (~0.127 bits); other tensors stay in `dtype`.
     let weights = if s.nf4 { linear * 4.127 / 8.0 + other * b } else { (linear + other) * b };
+    let layers = c.num_layers.max(1) as f64;
+    let (adapters_per_layer, adapter_inputs_per_layer) = (adapters / layers, adapter_inputs / layers);
     // f32 weight, gradient and two AdamW moments.
     let adapters = adapter_params * 16.0;
     let tokens = (s.batch * s.seq) as f64;
@@ -104,19 +115,34 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     // What one layer's backward needs, in `dtype`: each of the two norms keeps its input, the
     // normalised values and its output (the projections' input), or only input and output where the
     // norm is one recorded operation (`norm_cpu`, with the CPU's fused attention); attention keeps q and
-    // k after RoPE,
-    // v and its output (o_proj's input); the gated MLP keeps gate, its sigmoid, the activation, up and
-    // their product (down_proj's input), or only gate, up and product where SwiGLU is one recorded
-    // operation (`swiglu`, with the CPU's fused attention). In f32 whatever the dtype: the softmax's
-    // exponentials and the probabilities of decomposed attention, and each adapter's `x A^T` (7
-    // projections).
+    // k after RoPE, v and its output (o_proj's input); the gated MLP keeps gate, its sigmoid, the
+    // activation, up and their product (down_proj's input), or only gate, up and product where SwiGLU
+    // is one recorded operation (`swiglu`, with the CPU's fused attention). In f32 whatever the dtype:
+    // the softmax's exponentials and the probabilities of decomposed attention. Each adapter keeps its
+    // scaled `x A^T`, in the dtype its products run in (f32 unless autocast).
+    //
+    // The projections' inputs counted above (the norms' outputs, attention's output and the MLP's
+    // product) are kept only because the adapters read them, and only when the adapters run in the
+    // base's dtype. Otherwise each adapter keeps its own f32 copy of its input instead; with dropout,
+    // its own mask and masked input.
     let scores = s.batch as f64 * heads * (s.seq as f64).powi(2) * 4.0;
     let kept_scores = if s.fused_attention { 0.0 } else { 2.0 * scores };
     let mlp_kept = if s.fused_attention && c.activation == retort_hf::Activation::Silu { 3.0 } else { 5.0 };
     let norm_kept = if s.fused_attention { 4.0 } else { 6.0 };
+    let adapter_b = if s.autocast { b } else { 4.0 };
+    let projection_inputs = tokens * (2.0 * h + q + ff) * b;
+    let adapter_inputs = tokens * adapter_inputs_per_layer * adapter_b;
+    let inputs_instead = if s.dropout {
+        2.0 * adapter_inputs - projection_inputs
+    } else if adapter_b != b {
+        adapter_inputs - projection_inputs
+    } else {
+        0.0
+    };
     let per_layer = tokens * (norm_kept * h + 2.0 * q + 2.0 * kv + mlp_kept * ff) * b
         + kept_scores
-        + 7.0 * tokens * s.rank as f64 * 4.0;
+        + tokens * adapters_per_layer * s.rank as f64 * adapter_b
+        + inputs_instead;
     // Plus, during the backward pass, one layer's worth of gradients of those tensors (and, with
     // checkpointing, the one layer recomputed at a time).
     let activations = if s.checkpointing {
@@ -159,6 +185,8 @@ mod tests {
             fused_attention: false,
             head_chunk_bytes: GPU_HEAD_CHUNK_BYTES,
             cpu: false,
+            dropout: false,
+            autocast: true,
         };
         let bf16 = estimate(&c, shape);
         let nf4 = estimate(&c, TrainShape { nf4: true, ..shape });
@@ -167,13 +195,28 @@ mod tests {
         assert!(nf4.weights / 1e9 > 4.5 && nf4.weights / 1e9 < 6.0, "{}", nf4.weights / 1e9);
         let full = estimate(&c, TrainShape { checkpointing: false, ..shape });
         assert!(full.activations > 5.0 * bf16.activations);
-        // f32 doubles the weights and everything but the f32 attention probabilities and adapter inputs.
+        // f32 doubles the weights and everything but the f32 attention probabilities.
         let f32 = estimate(&c, TrainShape { dtype_bytes: 4, checkpointing: false, ..shape });
         assert_eq!(f32.weights, 2.0 * full.weights);
-        let f32_only = |e: &MemoryEstimate| {
-            e.activations - 33.0 * (2.0 * 32.0 * 2048f64.powi(2) * 4.0 + 7.0 * 2048.0 * 16.0 * 4.0)
-        };
+        let f32_only = |e: &MemoryEstimate| e.activations - 33.0 * (2.0 * 32.0 * 2048f64.powi(2) * 4.0);
         assert!((f32_only(&f32) / f32_only(&full) - 2.0).abs() < 1e-9);
+        // Adapters in f32 over a bf16 base: per layer, an f32 copy of each adapter's input (q, k, v, gate
+        // and up read 4096 wide, o 4096, down 14336) and f32 instead of bf16 `x A^T` (7 x 16 wide), less
+        // the bf16 inputs of the projections no adapter keeps now (two norms' outputs, attention's
+        // output and the MLP's product: 3 x 4096 + 14336).
+        let inputs = 6.0 * 4096.0 + 14336.0;
+        let projection_inputs = 3.0 * 4096.0 + 14336.0;
+        let upcast = estimate(&c, TrainShape { autocast: false, checkpointing: false, ..shape });
+        let extra = 33.0 * 2048.0 * (inputs * 4.0 + 7.0 * 16.0 * 2.0 - projection_inputs * 2.0);
+        assert!((upcast.activations - full.activations - extra).abs() < 1.0);
+        // Autocast makes no difference to an f32 base.
+        let f32_upcast =
+            estimate(&c, TrainShape { dtype_bytes: 4, autocast: false, checkpointing: false, ..shape });
+        assert_eq!(f32_upcast.activations, f32.activations);
+        // Dropout keeps a mask and the masked input per adapter, in the adapters' dtype, instead.
+        let dropout = estimate(&c, TrainShape { dropout: true, checkpointing: false, ..shape });
+        let extra = 33.0 * 2048.0 * (2.0 * inputs - projection_inputs) * 2.0;
+        assert!((dropout.activations - full.activations - extra).abs() < 1.0);
         // Fused attention keeps no score-sized tensor: 33 layers' worth become one layer's per-head key
         // and value gradients (2 x 2048 tokens x 32 heads x 128, f32).
         let fused = estimate(&c, TrainShape { fused_attention: true, checkpointing: false, ..shape });

@@ -47,6 +47,16 @@ impl Transformer {
         }
     }
 
+    /// Sets [`crate::lora::Lora::autocast`] on every adapter.
+    pub fn with_lora_autocast(self, on: bool) -> Transformer {
+        self.map_linears(&mut |_, mut lin| {
+            if let Some(l) = lin.lora.as_mut() {
+                l.autocast = on;
+            }
+            lin
+        })
+    }
+
     /// Rebuilds every adaptable projection through `f` (same order as [`Transformer::visit_linears`]).
     pub fn map_linears(self, f: &mut dyn FnMut(&LinearSite, Linear) -> Linear) -> Transformer {
         let Transformer { embed, layers, norm, lm_head, config, checkpoint_layers } = self;

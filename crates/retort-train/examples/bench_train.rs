@@ -4,12 +4,14 @@
 //! test: timings vary.
 //!
 //!   bench_train MODEL_DIR BATCH_JSON WARMUP STEPS [--profile] [--checkpointing]
-//!               [--device cpu|wgpu:N|cuda:N] [--precision f32|bf16|f16] [--nf4] [--no-probe]
+//!               [--device cpu|wgpu:N|cuda:N] [--precision f32|bf16|f16] [--nf4] [--autocast]
+//!               [--no-probe]
 //!
 //! `--profile` adds one more step taken apart: forward to the loss, backward (gradients minus forward),
 //! and clipping plus AdamW. `--checkpointing` recomputes each layer in the backward pass. `--device`
 //! defaults to the CPU and `--precision` (of the frozen base; adapters and optimizer state stay f32) to
 //! f32. `--nf4` quantizes the base's projections to NF4 with double quantization (QLoRA).
+//! `--autocast` runs the adapters' products in the base's 16-bit dtype (`train.autocast`).
 //! `--no-probe` skips timing the plan's stand-in steps after the run.
 
 #![allow(clippy::print_stdout, reason = "a benchmark reports on stdout")]
@@ -82,6 +84,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("f16") => Precision::F16,
         Some(other) => return Err(format!("--precision {other}: use f32, bf16 or f16").into()),
     };
+    // As `train.autocast`: nothing to do for an f32 base.
+    let autocast = rest.iter().any(|a| a == "--autocast") && precision != Precision::F32;
     let selected = retort_model::device::select(choice)?;
     let plain = selected.device.clone();
     let device = plain.clone().autodiff();
@@ -98,7 +102,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         targets: vec![Target::AllLinear],
         variant: Variant::Lora,
     };
-    let mut model = retort_lora::attach(model, &spec, 0)?;
+    let mut model = retort_lora::attach(model, &spec, 0)?.with_lora_autocast(autocast);
     model.checkpoint_layers = checkpointing;
     let load_s = t.elapsed().as_secs_f64();
     let rss_loaded = status_bytes("VmRSS:");
@@ -179,6 +183,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             fused_attention: !selected.gpu && precision == Precision::F32,
             head_chunk_bytes: retort_model::memory::head_chunk_bytes(&plain),
             cpu: !selected.gpu,
+            dropout: false,
+            autocast,
         },
     );
     // What `retort train --plan` would predict for this step (run after the timed steps, so its
@@ -193,6 +199,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 accum: 1,
                 checkpointing,
                 nf4: nf4.then_some(true),
+                autocast,
             },
             precision,
             &device,
@@ -211,6 +218,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "predicted_step_time": step_time,
             "threads": std::env::var("RAYON_NUM_THREADS").ok(),
             "checkpointing": checkpointing,
+            "autocast": autocast,
             "tokens": tokens,
             "warmup": warmup,
             "steps": steps,

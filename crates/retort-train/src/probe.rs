@@ -45,6 +45,8 @@ pub struct ProbeShape {
     pub checkpointing: bool,
     /// NF4 base projections (QLoRA), with the absmax double-quantized when set.
     pub nf4: Option<bool>,
+    /// Adapter products in the base's dtype (`Lora::autocast`).
+    pub autocast: bool,
 }
 
 /// [`measure`] for a recipe's training shape (micro-batches of `max_seq_len` tokens, as packing fills
@@ -53,6 +55,7 @@ pub fn for_recipe(
     recipe: &retort_recipe::Recipe,
     config: &ModelConfig,
     checkpointing: bool,
+    autocast: bool,
     precision: Precision,
     device: &Device,
 ) -> Result<StepTime, TrainError> {
@@ -64,6 +67,7 @@ pub fn for_recipe(
         checkpointing,
         nf4: (recipe.base.quantize == retort_recipe::schema::project::Quantize::Nf4)
             .then_some(recipe.base.double_quant),
+        autocast,
     };
     let spec = retort_lora::AdapterSpec::from_recipe(&recipe.lora);
     measure(config, &spec, shape, precision, &device.clone().autodiff())
@@ -107,7 +111,7 @@ fn time_step(
     device: &Device,
 ) -> Result<f64, TrainError> {
     let model = stand_in(config, layers, shape.nf4, precision, device)?;
-    let mut model = retort_lora::attach(model, lora, 0)?;
+    let mut model = retort_lora::attach(model, lora, 0)?.with_lora_autocast(shape.autocast);
     model.checkpoint_layers = shape.checkpointing;
     let vocab = config.vocab_size as u64;
     let mut state = 0x2545_F491_4F6C_DD1Du64;
@@ -213,7 +217,8 @@ mod tests {
             targets: vec![Target::AllLinear],
             variant: Variant::Lora,
         };
-        let shape = ProbeShape { batch: 2, seq: 16, accum: 3, checkpointing: true, nf4: Some(true) };
+        let shape =
+            ProbeShape { batch: 2, seq: 16, accum: 3, checkpointing: true, nf4: Some(true), autocast: false };
         let t = measure(&config, &lora, shape, Precision::F32, &device).unwrap();
         assert!(t.one_layer_s > 0.0 && t.per_layer_s > 0.0, "{t:?}");
         // The prediction is the one-layer step plus the other layers, for every micro-batch.

@@ -188,6 +188,8 @@ pub struct Plan {
     pub label_tokens_per_epoch: usize,
     /// Activation checkpointing.
     pub checkpointing: bool,
+    /// Adapter products in the base's 16-bit dtype (`train.autocast`; false with an f32 base).
+    pub autocast: bool,
     /// Peak memory estimate.
     pub memory: MemoryEstimate,
     /// FLOPs of one epoch (forward and backward through the frozen base and the adapters).
@@ -404,6 +406,17 @@ fn checkpointing_on(recipe: &Recipe, gpu: bool) -> bool {
     }
 }
 
+/// `train.autocast`: `auto` is on for GPUs. Never on with an f32 base, where it would change nothing.
+fn autocast_on(recipe: &Recipe, gpu: bool, precision: Precision) -> bool {
+    use retort_recipe::schema::train::Toggle;
+    precision != Precision::F32
+        && match recipe.train.autocast {
+            Toggle::On => true,
+            Toggle::Off => false,
+            Toggle::Auto => gpu,
+        }
+}
+
 /// The run's shape for this data and model, with the base in `precision`.
 pub fn plan(
     recipe: &Recipe,
@@ -422,6 +435,7 @@ pub fn plan(
     let warmup_steps = LrSchedule::warmup_steps(total_steps, t.warmup_ratio, t.warmup_steps);
     let every = |explicit: Option<u64>| explicit.unwrap_or((total_steps / 10).max(1)).max(1);
     let checkpointing = checkpointing_on(recipe, gpu);
+    let autocast = autocast_on(recipe, gpu, precision);
     let memory = retort_model::memory::estimate(
         config,
         TrainShape {
@@ -439,6 +453,8 @@ pub fn plan(
                 retort_model::memory::HEAD_CHUNK_BYTES
             },
             cpu: !gpu,
+            dropout: recipe.lora.dropout > 0.0,
+            autocast,
         },
     );
     let tokens = data.train_report.pack.tokens;
@@ -454,6 +470,7 @@ pub fn plan(
         tokens_per_epoch: tokens,
         label_tokens_per_epoch: data.train_report.pack.label_tokens,
         checkpointing,
+        autocast,
         memory,
         // Forward 2 FLOPs per weight per token, backward 2 more for activation gradients (frozen
         // weights need no weight gradients), plus a recomputed forward with checkpointing.
@@ -720,6 +737,7 @@ pub fn run(
     }
     // Activation checkpointing recomputes each layer in the backward pass (see `step`).
     model.checkpoint_layers = plan.checkpointing;
+    model = model.with_lora_autocast(plan.autocast);
     let schedule = LrSchedule {
         lr: t.lr,
         kind: t.schedule,

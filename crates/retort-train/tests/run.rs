@@ -110,6 +110,7 @@ fn setup(p: &Project, fresh: bool) -> Setup {
         gpu: false,
         precision: match recipe(p).base.dtype {
             retort_recipe::schema::project::Dtype::F16 => Precision::F16,
+            retort_recipe::schema::project::Dtype::Bf16 => Precision::Bf16,
             _ => Precision::F32,
         },
         fresh,
@@ -365,4 +366,49 @@ fn an_f16_base_trains_with_loss_scaling_and_resumes_to_the_same_bits() {
     };
     assert_eq!(lines(&whole), lines(&parts));
     assert!(adapter_bytes(&whole) == adapter_bytes(&parts), "resumed adapter differs");
+}
+
+#[test]
+fn autocast_is_planned_by_device_and_dtype_and_resumes_to_the_same_bits() {
+    let bf16 = |p: &Project| {
+        let path = p.root.join("recipe.toml");
+        let text = std::fs::read_to_string(&path).unwrap().replace("dtype = \"f32\"\n", "dtype = \"bf16\"\n");
+        std::fs::write(&path, text).unwrap();
+    };
+    let planned = |p: &Project, gpu: bool| {
+        let r = recipe(p);
+        let (tok, template, _) = retort_train::run::text_tools(&r, &p.base).unwrap();
+        let layout = retort_train::run::Layout::of(&r);
+        let data = retort_train::run::load_data(&r, &layout, &tok, &template).unwrap();
+        let config = retort_hf::ModelConfig::load(&p.base).unwrap();
+        retort_train::run::plan(&r, &data, &config, gpu, setup(p, false).precision)
+    };
+    // `auto`: on for a GPU with a 16-bit base, off on the CPU, never with an f32 base.
+    let auto = project("");
+    assert!(!planned(&auto, true).autocast, "f32 base");
+    bf16(&auto);
+    assert!(planned(&auto, true).autocast && !planned(&auto, false).autocast);
+    let off = project("autocast = false");
+    bf16(&off);
+    assert!(!planned(&off, true).autocast);
+    // On: the adapters' f32 copies of their inputs leave the plan.
+    let on = project("autocast = true");
+    bf16(&on);
+    let (p_on, p_off) = (planned(&on, false), planned(&off, false));
+    assert!(p_on.autocast && p_on.memory.activations < p_off.memory.activations);
+
+    // A run with autocast, stopped after 5 steps and resumed, ends where the uninterrupted one does,
+    // and differs from the run without it (the resumed half runs autocast too).
+    let Outcome::Finished(report) = run(&on, false).unwrap() else { panic!("not finished") };
+    assert_eq!(report.fingerprint["train.autocast"], "true");
+    let Outcome::Finished(_) = run(&off, false).unwrap() else { panic!("not finished") };
+    assert!(adapter_bytes(&on) != adapter_bytes(&off), "autocast made no difference");
+    let parts = project("autocast = true");
+    bf16(&parts);
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = StopAfter { after: 5, seen: Arc::new(AtomicU64::new(0)), stop: stop.clone() };
+    let out = retort_train::run(&recipe(&parts), &setup(&parts, false), &progress, &stop).unwrap();
+    let Outcome::Stopped { .. } = out else { panic!("did not stop") };
+    let Outcome::Finished(_) = run(&parts, false).unwrap() else { panic!("not finished") };
+    assert!(adapter_bytes(&on) == adapter_bytes(&parts), "resumed adapter differs");
 }

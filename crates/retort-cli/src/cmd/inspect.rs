@@ -45,6 +45,8 @@ pub fn run(ui: &Ui, cmd: InspectCommand) -> anyhow::Result<Exit> {
                                 fused_attention: false,
                                 head_chunk_bytes: retort_model::memory::GPU_HEAD_CHUNK_BYTES,
                                 cpu: false,
+                                dropout: false,
+                                autocast: true,
                             },
                         ),
                     )

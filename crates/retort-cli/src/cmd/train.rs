@@ -52,8 +52,15 @@ pub fn run(
         let mut plan = retort_train::run::plan(&recipe, &data, &config, device.gpu, precision);
         ui.status("timing", "training steps of 1- and 2-layer stand-ins of the base (random weights)");
         plan.step_time = Some(
-            retort_train::probe::for_recipe(&recipe, &config, plan.checkpointing, precision, &device.device)
-                .map_err(|e| train_error(&e))?,
+            retort_train::probe::for_recipe(
+                &recipe,
+                &config,
+                plan.checkpointing,
+                plan.autocast,
+                precision,
+                &device.device,
+            )
+            .map_err(|e| train_error(&e))?,
         );
         if ui.json {
             ui.stdout_line(&serde_json::json!({"plan": plan, "train_data": data.train_report}).to_string());
@@ -188,7 +195,7 @@ fn print_plan(ui: &Ui, p: &Plan, device: &str, precision: Precision) {
         "steps          {} ({} per epoch of {} rows, warmup {})\n\
          evaluate/save  every {} / {} steps\n\
          tokens         {} per epoch, {} with loss\n\
-         device         {device} in {precision:?}, activation checkpointing {}\n\
+         device         {device} in {precision:?}, activation checkpointing {}, adapter products in {}\n\
          memory         about {} (weights {}, adapters+AdamW {}, activations {}, logits {}{})\n\
          compute        {:.3} PFLOP per epoch{}",
         p.total_steps,
@@ -200,6 +207,7 @@ fn print_plan(ui: &Ui, p: &Plan, device: &str, precision: Precision) {
         p.tokens_per_epoch,
         p.label_tokens_per_epoch,
         if p.checkpointing { "on" } else { "off" },
+        if p.autocast { format!("{precision:?} (autocast)") } else { "F32".into() },
         gib(m.total()),
         gib(m.weights),
         gib(m.adapters),

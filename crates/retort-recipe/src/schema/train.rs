@@ -168,6 +168,12 @@ pub struct Train {
     /// backward pass, as transformers does (several times less memory for a third more time). `auto` is on
     /// for GPUs and off on the CPU.
     pub checkpointing: Toggle,
+    /// Run the adapters' matmuls in the base's 16-bit dtype, as `torch.autocast` does under HF
+    /// Trainer's `bf16=True`: tensor-core kernels on GPUs, and the backward keeps the base's 16-bit
+    /// activations instead of an f32 copy per adapter. Adapter weights, optimizer state and the loss stay
+    /// f32. `auto` is on for GPUs with a bf16/f16 base and off on the CPU; no effect with an f32 base, or
+    /// on DoRA (always f32).
+    pub autocast: Toggle,
     /// Validation loss every N optimizer steps. Default: 10 times over the run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_every: Option<u64>,
@@ -210,6 +216,7 @@ impl Default for Train {
             on_bad_row: OnBadRow::Fail,
             data_format: DatasetFormat::Auto,
             checkpointing: Toggle::Auto,
+            autocast: Toggle::Auto,
             eval_every: None,
             save_every: None,
             keep_last: 3,
