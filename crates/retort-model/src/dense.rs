@@ -13,8 +13,9 @@
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData};
 use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops};
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_flex::FlexTensor;
 
 /// The weight `w` (`[out, in]`) as the CPU keeps it in f32: its values stored `[in, out]`, the
@@ -65,6 +66,11 @@ impl<'a> Operand<'a> {
         Some(Operand { data, start, rows: dims[0], cols: dims[1], row_stride: rs, col_stride: cs })
     }
 
+    /// A row-major `[rows, cols]` slice.
+    fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Operand<'a> {
+        Operand { data, start: 0, rows, cols, row_stride: cols, col_stride: 1 }
+    }
+
     /// The same values seen transposed.
     fn transposed(&self) -> Operand<'a> {
         Operand {
@@ -92,10 +98,6 @@ impl Backward<Flex, 1> for ProjectBackward {
         let Some(node) = node else { return };
         let w = ops.state;
         // Layouts the product cannot read in place (flipped views) are copied row-major first.
-        let readable = |t: FlexTensor| match Operand::of(&t) {
-            Some(_) => t,
-            None => FlexTensor::from_data(Tensor::<2>::from_primitive::<Flex>(t).into_data()),
-        };
         let (dy, w) = (readable(dy), readable(w));
         let (Some(d), Some(wo)) = (Operand::of(&dy), Operand::of(&w)) else { return };
         // dy W = dy (W^T)^T.
@@ -126,19 +128,157 @@ pub fn project(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
     })
 }
 
+/// What the backward of [`project_lora`] keeps: the input (for A's gradient), the frozen weight,
+/// A, B, the scale and the scaled `x A^T` (for B's gradient).
+#[derive(Debug, Clone)]
+struct LoraState {
+    x: FlexTensor,
+    w: FlexTensor,
+    a: FlexTensor,
+    b: FlexTensor,
+    scale: f32,
+    xs: FlexTensor,
+}
+
+/// Under autodiff: the gradients of `y = x W^T + s (x A^T) B^T` for the parents `[x, A, B]`:
+/// `dB = dy^T xs`, `dxs = s dy B`, `dA = dxs^T x` and `dx = dy W + dxs A`, the last two products
+/// summed by gemm in one buffer.
+#[derive(Debug)]
+struct LoraProjectBackward;
+
+impl Backward<Flex, 3> for LoraProjectBackward {
+    type State = LoraState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_a, node_b] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let LoraState { x, w, a, b, scale, xs } = ops.state;
+        let dy = readable(dy);
+        let (Some(d), Some(xo), Some(wo), Some(ao), Some(bo), Some(xs)) = (
+            Operand::of(&dy),
+            Operand::of(&x),
+            Operand::of(&w),
+            Operand::of(&a),
+            Operand::of(&b),
+            Operand::of(&xs),
+        ) else {
+            return;
+        };
+        let (m, r) = (d.rows, ao.rows);
+        if let Some(node) = node_b {
+            // dB = dy^T xs = dy^T (xs^T)^T.
+            let db = product(&d.transposed(), &xs.transposed());
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(db, [bo.rows, r])));
+        }
+        if node_x.is_none() && node_a.is_none() {
+            return;
+        }
+        // dxs = s dy B = s dy (B^T)^T.
+        let mut dxs = product(&d, &bo.transposed());
+        dxs.iter_mut().for_each(|v| *v *= scale);
+        let dxs_o = Operand::row_major(&dxs, m, r);
+        if let Some(node) = node_a {
+            // dA = dxs^T x = dxs^T (x^T)^T.
+            let da = product(&dxs_o.transposed(), &xo.transposed());
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(da, [r, xo.cols])));
+        }
+        if let Some(node) = node_x {
+            // dx = dy W + dxs A: dy (W^T)^T, then dxs (A^T)^T added in place.
+            let mut dx = product(&d, &wo.transposed());
+            gemm_into(&dxs_o, &ao.transposed(), &mut dx, true);
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, [m, xo.cols])));
+        }
+    }
+}
+
+/// A layout the products cannot read in place (a flipped view) copied row-major.
+fn readable(t: FlexTensor) -> FlexTensor {
+    match Operand::of(&t) {
+        Some(_) => t,
+        None => FlexTensor::from_data(Tensor::<2>::from_primitive::<Flex>(t).into_data()),
+    }
+}
+
+/// A projection with a plain LoRA adapter as one operation: `x W^T + s (x A^T) B^T` for `x` `[m, k]`,
+/// the frozen `w` `[n, k]`, `a` `[r, k]` and `b` `[n, r]`, all f32 on the CPU. gemm adds the adapter's
+/// product straight onto the base's, and in the backward the adapter's input gradient onto the base's:
+/// burn's matmuls would zero-fill an `[m, n]` and an `[m, k]` buffer on one thread, and add them to
+/// the base's in two more passes. Under autodiff A and B get gradients when they need them; `w` must
+/// need none. `None` when the tensors do not qualify (and for a few rows without autodiff, which
+/// [`crate::gemv`] decodes faster); the caller then computes the parts.
+pub fn project_lora(
+    x: &Tensor<2>,
+    w: &Tensor<2>,
+    a: &Tensor<2>,
+    b: &Tensor<2>,
+    scale: f64,
+) -> Option<Tensor<2>> {
+    let [m, k] = x.dims();
+    let ([n, wk], [r, ak], [bn, br]) = (w.dims(), a.dims(), b.dims());
+    if m == 0 || n == 0 || k == 0 || r == 0 || wk != k || ak != k || bn != n || br != r {
+        return None;
+    }
+    if [x, w, a, b].iter().any(|t| t.dtype() != DType::F32) || !crate::device::is_cpu(&x.device()) {
+        return None;
+    }
+    if w.is_require_grad() || (!x.is_autodiff() && m <= crate::gemv::MAX_ROWS) {
+        return None;
+    }
+    let wf = crate::recorded::untracked(w)?;
+    let scale = scale as f32;
+    let run = |xf: &FlexTensor, af: &FlexTensor, bf: &FlexTensor| {
+        let (xo, wo, ao, bo) = (Operand::of(xf)?, Operand::of(&wf)?, Operand::of(af)?, Operand::of(bf)?);
+        let mut xs = product(&xo, &ao);
+        xs.iter_mut().for_each(|v| *v *= scale);
+        let mut y = product(&xo, &wo);
+        gemm_into(&Operand::row_major(&xs, m, r), &bo, &mut y, true);
+        Some((
+            FlexTensor::from_data(TensorData::new(y, [m, n])),
+            FlexTensor::from_data(TensorData::new(xs, [m, r])),
+        ))
+    };
+    if !x.is_autodiff() {
+        let plain = |t: &Tensor<2>| t.clone().try_into_primitive::<Flex>().ok();
+        let (xf, af, bf) = (plain(x)?, plain(a)?, plain(b)?);
+        return Some(Tensor::from_primitive::<Flex>(run(&xf, &af, &bf)?.0));
+    }
+    let parts =
+        |t: &Tensor<2>| t.clone().try_into_primitive::<crate::recorded::Ad>().ok().map(|p| p.into_parts());
+    let ((xf, xn), (af, an), (bf, bn)) = (parts(x)?, parts(a)?, parts(b)?);
+    let (y, xs) = run(&xf, &af, &bf)?;
+    let recorded =
+        match LoraProjectBackward.prepare::<NoCheckpointing>([xn, an, bn]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(LoraState { x: xf, w: wf, a: af, b: bf, scale, xs }, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+    Some(Tensor::from_primitive::<crate::recorded::Ad>(recorded))
+}
+
 /// `x w^T`, row-major `[x.rows, w.rows]`.
 fn product(x: &Operand<'_>, w: &Operand<'_>) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::with_capacity(x.rows * w.rows);
+    gemm_into(x, w, &mut out, false);
+    out
+}
+
+/// `out = x w^T` (row-major `[x.rows, w.rows]`) into the spare capacity of an empty `out`, or, with
+/// `accumulate`, `out += x w^T` onto the values `out` holds.
+fn gemm_into(x: &Operand<'_>, w: &Operand<'_>, out: &mut Vec<f32>, accumulate: bool) {
     let (m, k, n) = (x.rows, x.cols, w.rows);
     assert!(m > 0 && k > 0 && n > 0 && w.cols == k, "shapes [{m}, {k}] and [{n}, {}]", w.cols);
+    if accumulate {
+        assert_eq!(out.len(), m * n, "the accumulated output is not [{m}, {n}]");
+    } else {
+        assert!(out.is_empty() && out.capacity() >= m * n, "no room for the [{m}, {n}] output");
+    }
     let parallelism =
         if m * k * n < PARALLEL_MIN_MACS { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(0) };
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let signed = |s: usize| s as isize;
     #[allow(unsafe_code, reason = "gemm reads and writes through raw pointers and strides")]
     // SAFETY: `Operand::of` checked that every element `[i, j]` of x and w (i < rows, j < cols, at
-    // `start + i * row_stride + j * col_stride`) lies inside its storage; `out` has capacity for the
-    // `m x n` row-major result, which gemm writes completely when `read_dst` is false (k > 0), so
-    // every element is initialised before `set_len`.
+    // `start + i * row_stride + j * col_stride`) lies inside its storage; `out` holds (accumulate) or
+    // has capacity for (otherwise) the `m x n` row-major result, which gemm writes completely when
+    // `read_dst` is false (k > 0), so every element is initialised before `set_len`.
     unsafe {
         gemm::gemm(
             m,
@@ -147,7 +287,7 @@ fn product(x: &Operand<'_>, w: &Operand<'_>) -> Vec<f32> {
             out.as_mut_ptr(),
             1,
             signed(n),
-            false,
+            accumulate,
             x.data.as_ptr().add(x.start),
             signed(x.col_stride),
             signed(x.row_stride),
@@ -155,7 +295,7 @@ fn product(x: &Operand<'_>, w: &Operand<'_>) -> Vec<f32> {
             w.data.as_ptr().add(w.start),
             signed(w.row_stride),
             signed(w.col_stride),
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -164,7 +304,6 @@ fn product(x: &Operand<'_>, w: &Operand<'_>) -> Vec<f32> {
         );
         out.set_len(m * n);
     }
-    out
 }
 
 #[cfg(test)]
@@ -230,6 +369,84 @@ mod tests {
         }
         // A weight that needs a gradient is left to burn.
         assert!(project(&x0.clone().require_grad(), &w.clone().require_grad()).is_none());
+    }
+
+    /// The projection with its adapter as one operation against the same sum of burn's matmuls: output
+    /// and the gradients of x, A and B to f32 rounding, for both weight layouts, a strided input, and an
+    /// input that needs no gradient (the first layer's). Same bound as above: the sums are gemm's in
+    /// other orders.
+    #[test]
+    fn project_lora_matches_burns_matmuls_and_their_gradients() {
+        let device = Device::flex().autodiff();
+        for (m, k, n, r, x_grad) in [(300, 200, 257, 16, true), (40, 33, 17, 3, true), (64, 48, 80, 8, false)]
+        {
+            let normal =
+                |shape: [usize; 2]| Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let x0 = normal([m, k + 3]).narrow(1, 1, k);
+            let w = normal([n, k]);
+            let wt = Tensor::<2>::from_data(w.clone().transpose().into_data(), &device).transpose();
+            let (a0, b0, g) = (normal([r, k]), normal([n, r]), normal([m, n]));
+            let scale = 0.7;
+            let run = |w: &Tensor<2>, ours: bool| {
+                let x = if x_grad { x0.clone().require_grad() } else { x0.clone() };
+                let (a, b) = (a0.clone().require_grad(), b0.clone().require_grad());
+                let y = if ours {
+                    project_lora(&x, w, &a, &b, scale).unwrap()
+                } else {
+                    x.clone().matmul(w.clone().transpose())
+                        + x.clone()
+                            .matmul(a.clone().transpose())
+                            .mul_scalar(scale)
+                            .matmul(b.clone().transpose())
+                };
+                let grads = (y.clone() * g.clone()).sum().backward();
+                let dx = x.grad(&grads).map(values);
+                (values(y.inner()), dx, values(a.grad(&grads).unwrap()), values(b.grad(&grads).unwrap()))
+            };
+            let reference = run(&w, false);
+            assert_eq!(reference.1.is_some(), x_grad);
+            let tol = 1e-5 * (k.max(n).max(m) as f32).sqrt();
+            for (layout, w) in [("[out, in]", &w), ("view of [in, out]", &wt)] {
+                let ours = run(w, true);
+                assert_eq!(ours.1.is_some(), x_grad, "x gets a gradient exactly when it needs one");
+                let dx = [(ours.1.unwrap_or_default(), reference.1.clone().unwrap_or_default())];
+                let parts = [
+                    ("y", &ours.0, &reference.0),
+                    ("dA", &ours.2, &reference.2),
+                    ("dB", &ours.3, &reference.3),
+                ];
+                for (what, a, e) in parts.into_iter().chain(dx.iter().map(|(a, e)| ("dx", a, e))) {
+                    assert_eq!(a.len(), e.len(), "{what}");
+                    for (i, (a, e)) in a.iter().zip(e.iter()).enumerate() {
+                        assert!(
+                            (a - e).abs() <= tol * (1.0 + e.abs()),
+                            "{m}x{k}x{n} r{r} {layout} {what}[{i}]: {a} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn project_lora_without_autodiff_leaves_a_few_rows_to_the_decode_kernel() {
+        let device = Device::flex();
+        let normal = |shape: [usize; 2]| Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let (w, a, b) = (normal([24, 20]), normal([4, 20]), normal([24, 4]));
+        let x = normal([40, 20]);
+        let expected = values(
+            x.clone().matmul(w.clone().transpose())
+                + x.clone().matmul(a.clone().transpose()).mul_scalar(2.0).matmul(b.clone().transpose()),
+        );
+        let got = values(project_lora(&x, &w, &a, &b, 2.0).unwrap());
+        for (g, e) in got.iter().zip(&expected) {
+            assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{g} vs {e}");
+        }
+        assert!(project_lora(&x.clone().narrow(0, 0, crate::gemv::MAX_ROWS), &w, &a, &b, 2.0).is_none());
+        assert!(
+            project_lora(&x, &w, &a, &Tensor::<2>::ones([24, 5], &device), 2.0).is_none(),
+            "rank mismatch"
+        );
     }
 
     #[test]

@@ -113,12 +113,16 @@ impl Linear {
         let w = self.weight.val();
         let out = w.dims()[0];
         let x2 = x.reshape([b * s, i]);
-        let y = project(&x2, &w);
         let bias = self.bias.as_ref().map(|b| b.val());
-        let y = match &bias {
+        let add_bias = |y: Tensor<2>| match &bias {
             Some(bias) => y + bias.clone().reshape([1, out]),
             None => y,
         };
+        // On the CPU in f32, the projection and a plain adapter as one operation.
+        if let Some(y) = self.lora.as_ref().and_then(|l| l.fused(&x2, &w, train)) {
+            return add_bias(y).reshape([b, s, out]);
+        }
+        let y = add_bias(project(&x2, &w));
         let y = match &self.lora {
             Some(l) => l.apply(x2, y, &w, bias.as_ref(), train),
             None => y,

@@ -47,6 +47,15 @@ impl Lora {
         x * mask.div_scalar(keep)
     }
 
+    /// `x W^T + s (x A^T) B^T` as one operation ([`crate::dense::project_lora`]) for plain LoRA without
+    /// active dropout, on the CPU in f32. `None` otherwise: [`Lora::apply`] then adds the adapter.
+    pub fn fused(&self, x: &Tensor<2>, w: &Tensor<2>, train: bool) -> Option<Tensor<2>> {
+        if self.magnitude.is_some() || (train && self.dropout > 0.0) {
+            return None;
+        }
+        crate::dense::project_lora(x, w, &self.a.val(), &self.b.val(), self.scale)
+    }
+
     /// The adapter's contribution added to `base` (`x W^T + b`, `[n, out]`), for flattened inputs
     /// `x` (`[n, in]`), given the frozen weight `w` (`[out, in]`, needed by DoRA only).
     pub fn apply(
