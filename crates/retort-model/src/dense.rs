@@ -17,6 +17,8 @@ use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_flex::FlexTensor;
+use rayon::prelude::*;
+use std::sync::Arc;
 
 /// The weight `w` (`[out, in]`) as the CPU keeps it in f32: its values stored `[in, out]`, the
 /// tensor a transposed view of them, so it is still `[out, in]` to every reader. gemm reads such a
@@ -41,6 +43,7 @@ pub fn cpu_layout(w: Tensor<2>) -> Tensor<2> {
 const PARALLEL_MIN_MACS: usize = 192 * 192 * 192;
 
 /// A rank-2 f32 operand read in place: its storage, the offset of element `[0, 0]` and its strides.
+#[derive(Clone, Copy)]
 struct Operand<'a> {
     data: &'a [f32],
     start: usize,
@@ -128,11 +131,101 @@ pub fn project(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
     })
 }
 
-/// What the backward of [`project_lora`] keeps: the input (for A's gradient), the frozen weight,
-/// A, B, the scale and the scaled `x A^T` (for B's gradient).
+/// LoRA dropout drawn inside [`project_lora`]: element `e` of its `[m, k]` input (row-major) is kept,
+/// and scaled by `1 / keep`, when its 16 bits of a hash of `(seed, e / 4)` fall below `keep` x 2^16
+/// (keep is rounded to a multiple of 2^-16, 1.5e-5 at most; torch draws from 24-bit uniforms).
+/// Counter-based, so threads draw their rows independently, and the backward keeps the mask as one bit
+/// per value instead of an f32 mask and an f32 dropped-out copy of the input.
+#[derive(Debug, Clone, Copy)]
+pub struct Dropout {
+    /// Drawn from the device's seeded generator for each mask, so runs and resumes repeat it.
+    pub seed: u64,
+    /// The probability of keeping a value, in (0, 1].
+    pub keep: f64,
+}
+
+impl Dropout {
+    /// Whether element `e` is kept.
+    pub fn kept(&self, e: u64) -> bool {
+        (self.hash(e / 4) >> (16 * (e % 4))) & 0xffff < self.threshold()
+    }
+
+    /// SplitMix64's output for the `e`-th step from `seed`.
+    fn hash(&self, e: u64) -> u64 {
+        let mut z = self.seed.wrapping_add(e.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// 16-bit draws below this are kept: keep x 2^16, rounded.
+    fn threshold(&self) -> u64 {
+        (self.keep * 65536.0).round() as u64
+    }
+}
+
+/// A drawn [`Dropout`] mask over `[rows, cols]`: one bit per value, each row in whole words.
+#[derive(Debug)]
+struct Bits {
+    words: Vec<u64>,
+    per_row: usize,
+    cols: usize,
+    /// `1 / keep`: what a kept value is multiplied by.
+    scale: f32,
+}
+
+impl Bits {
+    fn draw(d: Dropout, rows: usize, cols: usize) -> Bits {
+        let per_row = cols.div_ceil(64);
+        let mut words = vec![0u64; rows * per_row];
+        words.par_chunks_mut(per_row).enumerate().for_each(|(i, row)| {
+            for (w, word) in row.iter_mut().enumerate() {
+                let first = (i * cols + w * 64) as u64;
+                let lanes = (cols - w * 64).min(64) as u64;
+                // Four values per hash where `first` is a multiple of four (always, when cols is).
+                *word = if first.is_multiple_of(4) {
+                    let threshold = d.threshold();
+                    (0..lanes.div_ceil(4)).fold(0u64, |acc, q| {
+                        let h = d.hash(first / 4 + q);
+                        let four = (0..4)
+                            .fold(0u64, |f, l| f | (u64::from((h >> (16 * l)) & 0xffff < threshold) << l));
+                        acc | (four << (4 * q))
+                    })
+                } else {
+                    (0..lanes).fold(0u64, |acc, b| acc | (u64::from(d.kept(first + b)) << b))
+                };
+                if lanes < 64 {
+                    *word &= (1u64 << lanes) - 1;
+                }
+            }
+        });
+        Bits { words, per_row, cols, scale: (1.0 / d.keep) as f32 }
+    }
+
+    /// `f(j, &mut row[j], mask[i, j])` along row `i`, a word of mask bits at a time.
+    fn each_in_row(&self, i: usize, row: &mut [f32], mut f: impl FnMut(usize, &mut f32, f32)) {
+        let words = &self.words[i * self.per_row..(i + 1) * self.per_row];
+        for (w, (chunk, &word)) in row.chunks_mut(64).zip(words).enumerate() {
+            for (b, v) in chunk.iter_mut().enumerate() {
+                f(w * 64 + b, v, ((word >> b) & 1) as f32 * self.scale);
+            }
+        }
+    }
+
+    /// The mask's value at `[i, j]`: `1 / keep` or 0.
+    #[cfg(test)]
+    fn at(&self, i: usize, j: usize) -> f32 {
+        if self.words[i * self.per_row + j / 64] >> (j % 64) & 1 == 1 { self.scale } else { 0.0 }
+    }
+}
+
+/// What the backward of [`project_lora`] keeps: the input (for A's gradient, through the dropout mask
+/// when there is one), the mask, the frozen weight, A, B, the scale and the scaled `xd A^T` (for B's
+/// gradient).
 #[derive(Debug, Clone)]
 struct LoraState {
     x: FlexTensor,
+    mask: Option<Arc<Bits>>,
     w: FlexTensor,
     a: FlexTensor,
     b: FlexTensor,
@@ -140,9 +233,9 @@ struct LoraState {
     xs: FlexTensor,
 }
 
-/// Under autodiff: the gradients of `y = x W^T + s (x A^T) B^T` for the parents `[x, A, B]`:
-/// `dB = dy^T xs`, `dxs = s dy B`, `dA = dxs^T x` and `dx = dy W + dxs A`, the last two products
-/// summed by gemm in one buffer.
+/// Under autodiff: the gradients of `y = x W^T + s (xd A^T) B^T`, `xd = x * mask`, for the parents
+/// `[x, A, B]`: `dB = dy^T xs`, `dxs = s dy B`, `dA = dxs^T xd` and `dx = dy W + (dxs A) * mask`,
+/// without dropout the last two products summed by gemm in one buffer.
 #[derive(Debug)]
 struct LoraProjectBackward;
 
@@ -152,7 +245,7 @@ impl Backward<Flex, 3> for LoraProjectBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_a, node_b] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
-        let LoraState { x, w, a, b, scale, xs } = ops.state;
+        let LoraState { x, mask, w, a, b, scale, xs } = ops.state;
         let dy = readable(dy);
         let (Some(d), Some(xo), Some(wo), Some(ao), Some(bo), Some(xs)) = (
             Operand::of(&dy),
@@ -178,17 +271,48 @@ impl Backward<Flex, 3> for LoraProjectBackward {
         dxs.iter_mut().for_each(|v| *v *= scale);
         let dxs_o = Operand::row_major(&dxs, m, r);
         if let Some(node) = node_a {
-            // dA = dxs^T x = dxs^T (x^T)^T.
-            let da = product(&dxs_o.transposed(), &xo.transposed());
+            // dA = dxs^T xd = dxs^T (xd^T)^T, with xd redrawn from x and the mask's bits.
+            let xd = mask.as_ref().map(|bits| masked(&xo, bits));
+            let xd_o = match &xd {
+                Some(xd) => Operand::row_major(xd, m, xo.cols),
+                None => xo,
+            };
+            let da = product(&dxs_o.transposed(), &xd_o.transposed());
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(da, [r, xo.cols])));
         }
         if let Some(node) = node_x {
-            // dx = dy W + dxs A: dy (W^T)^T, then dxs (A^T)^T added in place.
+            // dx = dy W + dxs A: dy (W^T)^T, then dxs (A^T)^T added in place (through the mask).
             let mut dx = product(&d, &wo.transposed());
-            gemm_into(&dxs_o, &ao.transposed(), &mut dx, true);
+            match &mask {
+                Some(bits) => add_masked(&mut dx, &product(&dxs_o, &ao.transposed()), bits),
+                None => gemm_into(&dxs_o, &ao.transposed(), &mut dx, true),
+            }
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, [m, xo.cols])));
         }
     }
+}
+
+/// `x * mask`, row-major.
+fn masked(x: &Operand<'_>, mask: &Bits) -> Vec<f32> {
+    let k = x.cols;
+    let mut out = vec![0.0f32; x.rows * k];
+    out.par_chunks_mut(k).enumerate().for_each(|(i, row)| {
+        let at = x.start + i * x.row_stride;
+        if x.col_stride == 1 {
+            mask.each_in_row(i, row, |j, v, m| *v = x.data[at + j] * m);
+        } else {
+            mask.each_in_row(i, row, |j, v, m| *v = x.data[at + j * x.col_stride] * m);
+        }
+    });
+    out
+}
+
+/// `acc += t * mask` for row-major `acc` and `t`.
+fn add_masked(acc: &mut [f32], t: &[f32], mask: &Bits) {
+    let k = mask.cols;
+    acc.par_chunks_mut(k).zip(t.par_chunks(k)).enumerate().for_each(|(i, (row, t))| {
+        mask.each_in_row(i, row, |j, v, m| *v += t[j] * m);
+    });
 }
 
 /// A layout the products cannot read in place (a flipped view) copied row-major.
@@ -199,8 +323,9 @@ fn readable(t: FlexTensor) -> FlexTensor {
     }
 }
 
-/// A projection with a plain LoRA adapter as one operation: `x W^T + s (x A^T) B^T` for `x` `[m, k]`,
-/// the frozen `w` `[n, k]`, `a` `[r, k]` and `b` `[n, r]`, all f32 on the CPU. gemm adds the adapter's
+/// A projection with a plain LoRA adapter as one operation: `x W^T + s ((x * mask) A^T) B^T` for `x`
+/// `[m, k]`, the frozen `w` `[n, k]`, `a` `[r, k]` and `b` `[n, r]`, all f32 on the CPU, and the
+/// mask of an optional [`Dropout`]. gemm adds the adapter's
 /// product straight onto the base's, and in the backward the adapter's input gradient onto the base's:
 /// burn's matmuls would zero-fill an `[m, n]` and an `[m, k]` buffer on one thread, and add them to
 /// the base's in two more passes. Under autodiff A and B get gradients when they need them; `w` must
@@ -212,6 +337,7 @@ pub fn project_lora(
     a: &Tensor<2>,
     b: &Tensor<2>,
     scale: f64,
+    dropout: Option<Dropout>,
 ) -> Option<Tensor<2>> {
     let [m, k] = x.dims();
     let ([n, wk], [r, ak], [bn, br]) = (w.dims(), a.dims(), b.dims());
@@ -226,29 +352,35 @@ pub fn project_lora(
     }
     let wf = crate::recorded::untracked(w)?;
     let scale = scale as f32;
-    let run = |xf: &FlexTensor, af: &FlexTensor, bf: &FlexTensor| {
+    // The output and the scaled `xd A^T`, the input dropped out through the mask when there is one.
+    let run = |xf: &FlexTensor, af: &FlexTensor, bf: &FlexTensor, mask: Option<&Bits>| {
         let (xo, wo, ao, bo) = (Operand::of(xf)?, Operand::of(&wf)?, Operand::of(af)?, Operand::of(bf)?);
-        let mut xs = product(&xo, &ao);
+        let mut xs = match mask {
+            Some(bits) => product(&Operand::row_major(&masked(&xo, bits), m, k), &ao),
+            None => product(&xo, &ao),
+        };
         xs.iter_mut().for_each(|v| *v *= scale);
         let mut y = product(&xo, &wo);
         gemm_into(&Operand::row_major(&xs, m, r), &bo, &mut y, true);
-        Some((
-            FlexTensor::from_data(TensorData::new(y, [m, n])),
-            FlexTensor::from_data(TensorData::new(xs, [m, r])),
-        ))
+        let y = FlexTensor::from_data(TensorData::new(y, [m, n]));
+        Some((y, FlexTensor::from_data(TensorData::new(xs, [m, r]))))
     };
     if !x.is_autodiff() {
         let plain = |t: &Tensor<2>| t.clone().try_into_primitive::<Flex>().ok();
         let (xf, af, bf) = (plain(x)?, plain(a)?, plain(b)?);
-        return Some(Tensor::from_primitive::<Flex>(run(&xf, &af, &bf)?.0));
+        let mask = dropout.map(|d| Bits::draw(d, m, k));
+        return Some(Tensor::from_primitive::<Flex>(run(&xf, &af, &bf, mask.as_ref())?.0));
     }
     let parts =
         |t: &Tensor<2>| t.clone().try_into_primitive::<crate::recorded::Ad>().ok().map(|p| p.into_parts());
     let ((xf, xn), (af, an), (bf, bn)) = (parts(x)?, parts(a)?, parts(b)?);
-    let (y, xs) = run(&xf, &af, &bf)?;
+    let mask = dropout.map(|d| Arc::new(Bits::draw(d, m, k)));
+    let (y, xs) = run(&xf, &af, &bf, mask.as_deref())?;
     let recorded =
         match LoraProjectBackward.prepare::<NoCheckpointing>([xn, an, bn]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(LoraState { x: xf, w: wf, a: af, b: bf, scale, xs }, y),
+            OpsKind::Tracked(prep) => {
+                prep.finish(LoraState { x: xf, mask, w: wf, a: af, b: bf, scale, xs }, y)
+            }
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
     Some(Tensor::from_primitive::<crate::recorded::Ad>(recorded))
@@ -372,14 +504,20 @@ mod tests {
     }
 
     /// The projection with its adapter as one operation against the same sum of burn's matmuls: output
-    /// and the gradients of x, A and B to f32 rounding, for both weight layouts, a strided input, and an
-    /// input that needs no gradient (the first layer's). Same bound as above: the sums are gemm's in
-    /// other orders.
+    /// and the gradients of x, A and B to f32 rounding, for both weight layouts, a strided input, an
+    /// input that needs no gradient (the first layer's) and a dropout mask on the adapter's input. Same
+    /// bound as above: the sums are gemm's in other orders.
     #[test]
     fn project_lora_matches_burns_matmuls_and_their_gradients() {
         let device = Device::flex().autodiff();
-        for (m, k, n, r, x_grad) in [(300, 200, 257, 16, true), (40, 33, 17, 3, true), (64, 48, 80, 8, false)]
-        {
+        let cases = [
+            (300, 200, 257, 16, true, false),
+            (40, 33, 17, 3, true, false),
+            (64, 48, 80, 8, false, false),
+            (300, 200, 257, 16, true, true),
+            (64, 48, 80, 8, false, true),
+        ];
+        for (m, k, n, r, x_grad, dropout) in cases {
             let normal =
                 |shape: [usize; 2]| Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
             let x0 = normal([m, k + 3]).narrow(1, 1, k);
@@ -387,17 +525,25 @@ mod tests {
             let wt = Tensor::<2>::from_data(w.clone().transpose().into_data(), &device).transpose();
             let (a0, b0, g) = (normal([r, k]), normal([n, r]), normal([m, n]));
             let scale = 0.7;
+            let draw = dropout.then_some(Dropout { seed: 11 + m as u64, keep: 0.75 });
+            // The mask the operation draws, as a tensor for burn's side.
+            let mask = draw.map(|d| {
+                let values: Vec<f32> =
+                    (0..m * k).map(|e| if d.kept(e as u64) { 1.0 / 0.75 } else { 0.0 }).collect();
+                Tensor::<2>::from_data(TensorData::new(values, [m, k]), &device)
+            });
             let run = |w: &Tensor<2>, ours: bool| {
                 let x = if x_grad { x0.clone().require_grad() } else { x0.clone() };
                 let (a, b) = (a0.clone().require_grad(), b0.clone().require_grad());
                 let y = if ours {
-                    project_lora(&x, w, &a, &b, scale).unwrap()
+                    project_lora(&x, w, &a, &b, scale, draw).unwrap()
                 } else {
+                    let xd = match &mask {
+                        Some(mask) => x.clone() * mask.clone(),
+                        None => x.clone(),
+                    };
                     x.clone().matmul(w.clone().transpose())
-                        + x.clone()
-                            .matmul(a.clone().transpose())
-                            .mul_scalar(scale)
-                            .matmul(b.clone().transpose())
+                        + xd.matmul(a.clone().transpose()).mul_scalar(scale).matmul(b.clone().transpose())
                 };
                 let grads = (y.clone() * g.clone()).sum().backward();
                 let dx = x.grad(&grads).map(values);
@@ -420,11 +566,38 @@ mod tests {
                     for (i, (a, e)) in a.iter().zip(e.iter()).enumerate() {
                         assert!(
                             (a - e).abs() <= tol * (1.0 + e.abs()),
-                            "{m}x{k}x{n} r{r} {layout} {what}[{i}]: {a} vs {e}"
+                            "{m}x{k}x{n} r{r} dropout {dropout} {layout} {what}[{i}]: {a} vs {e}"
                         );
                     }
                 }
             }
+        }
+    }
+
+    /// The counter-based draw keeps values at the requested rate, independently of each other and of the
+    /// seed's neighbours: over 200,000 values, within 5 standard deviations.
+    #[test]
+    fn dropout_keeps_values_at_its_rate() {
+        let n = 200_000u64;
+        for keep in [0.95, 0.9, 0.5] {
+            let d = Dropout { seed: 42, keep };
+            let kept = (0..n).filter(|&e| d.kept(e)).count() as f64;
+            let sd = (n as f64 * keep * (1.0 - keep)).sqrt();
+            assert!((kept - n as f64 * keep).abs() < 5.0 * sd, "keep {keep}: {kept} of {n}");
+            // Pairs of neighbours are both kept at keep^2.
+            let both = (0..n).filter(|&e| d.kept(2 * e) && d.kept(2 * e + 1)).count() as f64;
+            let sd2 = (n as f64 * keep * keep * (1.0 - keep * keep)).sqrt();
+            assert!((both - n as f64 * keep * keep).abs() < 5.0 * sd2, "keep {keep}: pairs {both}");
+        }
+        // Another seed gives another mask.
+        let (a, b) = (Dropout { seed: 1, keep: 0.5 }, Dropout { seed: 2, keep: 0.5 });
+        let same = (0..n).filter(|&e| a.kept(e) == b.kept(e)).count() as f64;
+        assert!((same / n as f64 - 0.5).abs() < 0.01, "{same}");
+        let d = Dropout { seed: 3, keep: 0.8 };
+        let bits = Bits::draw(d, 3, 130);
+        for (i, j) in [(0, 0), (1, 63), (1, 64), (2, 129)] {
+            let expected = if d.kept((i * 130 + j) as u64) { 1.25 } else { 0.0 };
+            assert_eq!(bits.at(i, j), expected, "[{i}, {j}]");
         }
     }
 
@@ -438,13 +611,15 @@ mod tests {
             x.clone().matmul(w.clone().transpose())
                 + x.clone().matmul(a.clone().transpose()).mul_scalar(2.0).matmul(b.clone().transpose()),
         );
-        let got = values(project_lora(&x, &w, &a, &b, 2.0).unwrap());
+        let got = values(project_lora(&x, &w, &a, &b, 2.0, None).unwrap());
         for (g, e) in got.iter().zip(&expected) {
             assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{g} vs {e}");
         }
-        assert!(project_lora(&x.clone().narrow(0, 0, crate::gemv::MAX_ROWS), &w, &a, &b, 2.0).is_none());
         assert!(
-            project_lora(&x, &w, &a, &Tensor::<2>::ones([24, 5], &device), 2.0).is_none(),
+            project_lora(&x.clone().narrow(0, 0, crate::gemv::MAX_ROWS), &w, &a, &b, 2.0, None).is_none()
+        );
+        assert!(
+            project_lora(&x, &w, &a, &Tensor::<2>::ones([24, 5], &device), 2.0, None).is_none(),
             "rank mismatch"
         );
     }

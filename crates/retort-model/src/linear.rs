@@ -118,15 +118,16 @@ impl Linear {
             Some(bias) => y + bias.clone().reshape([1, out]),
             None => y,
         };
+        let Some(lora) = &self.lora else {
+            return add_bias(project(&x2, &w)).reshape([b, s, out]);
+        };
         // On the CPU in f32, the projection and a plain adapter as one operation.
-        if let Some(y) = self.lora.as_ref().and_then(|l| l.fused(&x2, &w, train)) {
+        if let Some(y) = lora.fused(&x2, &w, train) {
             return add_bias(y).reshape([b, s, out]);
         }
+        let mask = lora.dropout_mask(&x2, train);
         let y = add_bias(project(&x2, &w));
-        let y = match &self.lora {
-            Some(l) => l.apply(x2, y, &w, bias.as_ref(), train),
-            None => y,
-        };
+        let y = lora.apply(x2, y, &w, bias.as_ref(), mask);
         y.reshape([b, s, out])
     }
 }

@@ -37,44 +37,60 @@ impl Lora {
         self.a.val().dims()[0]
     }
 
-    fn dropout_input(&self, x: Tensor<2>, train: bool) -> Tensor<2> {
+    /// The dropout mask for the adapter input `x` (`[n, in]`) when training with dropout: 0 for a
+    /// dropped value, `1 / (1 - dropout)` for a kept one, f32.
+    pub fn dropout_mask(&self, x: &Tensor<2>, train: bool) -> Option<Tensor<2>> {
         if !train || self.dropout <= 0.0 {
-            return x;
-        }
-        let keep = 1.0 - self.dropout;
-        let mask = Tensor::<2>::random(x.shape(), Distribution::Bernoulli(keep), &x.device());
-        let mask = if x.dtype() == mask.dtype() { mask } else { mask.cast(x.dtype()) };
-        x * mask.div_scalar(keep)
-    }
-
-    /// `x W^T + s (x A^T) B^T` as one operation ([`crate::dense::project_lora`]) for plain LoRA without
-    /// active dropout, on the CPU in f32. `None` otherwise: [`Lora::apply`] then adds the adapter.
-    pub fn fused(&self, x: &Tensor<2>, w: &Tensor<2>, train: bool) -> Option<Tensor<2>> {
-        if self.magnitude.is_some() || (train && self.dropout > 0.0) {
             return None;
         }
-        crate::dense::project_lora(x, w, &self.a.val(), &self.b.val(), self.scale)
+        let keep = 1.0 - self.dropout;
+        Some(Tensor::<2>::random(x.shape(), Distribution::Bernoulli(keep), &x.device()).div_scalar(keep))
+    }
+
+    fn dropped(x: Tensor<2>, mask: Option<Tensor<2>>) -> Tensor<2> {
+        match mask {
+            Some(m) => {
+                let m = if m.dtype() == x.dtype() { m } else { m.cast(x.dtype()) };
+                x * m
+            }
+            None => x,
+        }
+    }
+
+    /// `x W^T + s ((x * mask) A^T) B^T` as one operation ([`crate::dense::project_lora`]) for plain
+    /// LoRA on the CPU in f32; in training with dropout the operation draws its own mask
+    /// ([`crate::dense::Dropout`]) from a seed taken from the device's generator. `None` otherwise:
+    /// [`Lora::apply`] then adds the adapter.
+    pub fn fused(&self, x: &Tensor<2>, w: &Tensor<2>, train: bool) -> Option<Tensor<2>> {
+        if self.magnitude.is_some() || x.dtype() != DType::F32 || !crate::device::is_cpu(&x.device()) {
+            return None;
+        }
+        let dropout = (train && self.dropout > 0.0)
+            .then(|| crate::dense::Dropout { seed: draw_seed(&x.device()), keep: 1.0 - self.dropout });
+        crate::dense::project_lora(x, w, &self.a.val(), &self.b.val(), self.scale, dropout)
     }
 
     /// The adapter's contribution added to `base` (`x W^T + b`, `[n, out]`), for flattened inputs
-    /// `x` (`[n, in]`), given the frozen weight `w` (`[out, in]`, needed by DoRA only).
+    /// `x` (`[n, in]`), given the frozen weight `w` (`[out, in]`, needed by DoRA only) and the
+    /// [`Lora::dropout_mask`] drawn for `x` when training with dropout.
     pub fn apply(
         &self,
         x: Tensor<2>,
         base: Tensor<2>,
         w: &Tensor<2>,
         bias: Option<&Tensor<1>>,
-        train: bool,
+        mask: Option<Tensor<2>>,
     ) -> Tensor<2> {
         let out_dtype = base.dtype();
         if self.autocast && self.magnitude.is_none() && out_dtype != DType::F32 {
-            return self.apply_autocast(x, base, train);
+            return self.apply_autocast(x, base, mask);
         }
+        let dropout = mask.is_some();
         let x32 = if x.dtype() == DType::F32 { x } else { x.cast(DType::F32) };
         let base32 = if out_dtype == DType::F32 { base } else { base.cast(DType::F32) };
         let a = self.a.val();
         let b = self.b.val();
-        let xd = self.dropout_input(x32.clone(), train);
+        let xd = Self::dropped(x32.clone(), mask);
         // The scale multiplies the rank-wide intermediate, not the output: `out / r` times less work
         // (and autodiff keeps a smaller tensor for the backward).
         let lora =
@@ -88,7 +104,7 @@ impl Lora {
                 let mag_scale = m.val().reshape([1, -1]) / norm;
                 // The base term without its bias; from the dropped-out input when dropout is active (as
                 // PEFT recomputes it then).
-                let base_term = if train && self.dropout > 0.0 {
+                let base_term = if dropout {
                     xd.matmul(w32.transpose())
                 } else {
                     match bias {
@@ -111,12 +127,20 @@ impl Lora {
 
     /// Plain LoRA with both products in the base output's 16-bit dtype (`torch.autocast`): the rank-wide
     /// intermediate and the sum are rounded to that dtype, the f32 weights are cast on use.
-    fn apply_autocast(&self, x: Tensor<2>, base: Tensor<2>, train: bool) -> Tensor<2> {
+    fn apply_autocast(&self, x: Tensor<2>, base: Tensor<2>, mask: Option<Tensor<2>>) -> Tensor<2> {
         let dtype = base.dtype();
         let x = if x.dtype() == dtype { x } else { x.cast(dtype) };
         let a = self.a.val().cast(dtype);
         let b = self.b.val().cast(dtype);
-        let xd = self.dropout_input(x, train);
+        let xd = Self::dropped(x, mask);
         base + xd.matmul(a.transpose()).mul_scalar(self.scale).matmul(b.transpose())
     }
+}
+
+/// 48 random bits from the device's seeded generator (two f32 uniforms' 24-bit mantissas), so a
+/// dropout mask drawn from them repeats wherever the generator does.
+fn draw_seed(device: &burn::tensor::Device) -> u64 {
+    let u = Tensor::<1>::random([2], Distribution::Uniform(0.0, 1.0), device);
+    let values = u.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
+    values.iter().fold(0u64, |acc, v| (acc << 24) | (f64::from(*v) * f64::from(1u32 << 24)) as u64)
 }

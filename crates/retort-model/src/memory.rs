@@ -124,7 +124,9 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     // The projections' inputs counted above (the norms' outputs, attention's output and the MLP's
     // product) are kept only because the adapters read them, and only when the adapters run in the
     // base's dtype. Otherwise each adapter keeps its own f32 copy of its input instead; with dropout,
-    // its own mask and masked input.
+    // its own mask and masked input, except where the projection and its adapter are one operation
+    // (`dense::project_lora`, with the CPU's fused attention), which keeps the shared input and its
+    // mask as bits.
     let scores = s.batch as f64 * heads * (s.seq as f64).powi(2) * 4.0;
     let kept_scores = if s.fused_attention { 0.0 } else { 2.0 * scores };
     let mlp_kept = if s.fused_attention && c.activation == retort_hf::Activation::Silu { 3.0 } else { 5.0 };
@@ -132,7 +134,9 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     let adapter_b = if s.autocast { b } else { 4.0 };
     let projection_inputs = tokens * (2.0 * h + q + ff) * b;
     let adapter_inputs = tokens * adapter_inputs_per_layer * adapter_b;
-    let inputs_instead = if s.dropout {
+    let inputs_instead = if s.dropout && s.fused_attention {
+        tokens * adapter_inputs_per_layer / 8.0
+    } else if s.dropout {
         2.0 * adapter_inputs - projection_inputs
     } else if adapter_b != b {
         adapter_inputs - projection_inputs
@@ -233,5 +237,10 @@ mod tests {
                 .abs()
                 < 1.0
         );
+        // Where the adapter is recorded with its projection (the CPU), only the mask's bits.
+        let fused_dropout =
+            estimate(&c, TrainShape { dropout: true, fused_attention: true, checkpointing: false, ..shape });
+        let bits = 33.0 * 2048.0 * inputs / 8.0;
+        assert!((fused_dropout.activations - fused.activations - bits).abs() < 1.0);
     }
 }

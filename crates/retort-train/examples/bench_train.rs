@@ -5,12 +5,13 @@
 //!
 //!   bench_train MODEL_DIR BATCH_JSON WARMUP STEPS [--profile] [--checkpointing]
 //!               [--device cpu|wgpu:N|cuda:N] [--precision f32|bf16|f16] [--nf4] [--autocast]
-//!               [--no-probe]
+//!               [--dropout P] [--no-probe]
 //!
 //! `--profile` adds one more step taken apart: forward to the loss, backward (gradients minus forward),
 //! and clipping plus AdamW. `--checkpointing` recomputes each layer in the backward pass. `--device`
 //! defaults to the CPU and `--precision` (of the frozen base; adapters and optimizer state stay f32) to
 //! f32. `--nf4` quantizes the base's projections to NF4 with double quantization (QLoRA).
+//! `--dropout` sets LoRA dropout (default 0, as the PEFT peer runs).
 //! `--autocast` runs the adapters' products in the base's 16-bit dtype (`train.autocast`).
 //! `--no-probe` skips timing the plan's stand-in steps after the run.
 
@@ -84,6 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("f16") => Precision::F16,
         Some(other) => return Err(format!("--precision {other}: use f32, bf16 or f16").into()),
     };
+    let dropout: f64 = value("--dropout").map_or(Ok(0.0), |p| p.parse())?;
     // As `train.autocast`: nothing to do for an f32 base.
     let autocast = rest.iter().any(|a| a == "--autocast") && precision != Precision::F32;
     let selected = retort_model::device::select(choice)?;
@@ -98,7 +100,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let spec = retort_lora::AdapterSpec {
         r: 16,
         alpha: 32.0,
-        dropout: 0.0,
+        dropout,
         targets: vec![Target::AllLinear],
         variant: Variant::Lora,
     };
@@ -183,7 +185,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             fused_attention: !selected.gpu && precision == Precision::F32,
             head_chunk_bytes: retort_model::memory::head_chunk_bytes(&plain),
             cpu: !selected.gpu,
-            dropout: false,
+            dropout: dropout > 0.0,
             autocast,
         },
     );
@@ -219,6 +221,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "threads": std::env::var("RAYON_NUM_THREADS").ok(),
             "checkpointing": checkpointing,
             "autocast": autocast,
+            "dropout": dropout,
             "tokens": tokens,
             "warmup": warmup,
             "steps": steps,
