@@ -19,7 +19,7 @@ pub mod tokenizer;
 
 pub use dataset::{Conversation, DataError, JsonlRows, Message, ReadReport, Role, RowError, read_jsonl};
 pub use labels::{Example, ExampleError, IGNORE, encode};
-pub use pack::{PackReport, Row, TrainBatch, build_rows, collate, shuffle};
+pub use pack::{PackReport, Row, TrainBatch, build_rows, collate, collate_to, shuffle};
 pub use prepare::{PrepareOptions, PrepareReport, prepare};
 pub use report::{Reason, Skipped, Skips, Tally};
 pub use template::{ChatTemplate, RenderOptions, TemplateError};

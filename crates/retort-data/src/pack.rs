@@ -222,7 +222,15 @@ impl TrainBatch {
 
 /// Pads rows on the right to the longest one.
 pub fn collate(rows: &[Row], pad_id: u32) -> TrainBatch {
-    let len = rows.iter().map(Row::len).max().unwrap_or(0);
+    collate_to(rows, pad_id, 1)
+}
+
+/// Pads rows on the right to the longest one, rounded up to a multiple of `multiple` (as
+/// `pad_to_multiple_of` in transformers' collators): GPU kernels are compiled and tuned per shape, and a
+/// length that varies by a token from one micro-batch to the next keeps asking for new ones. The padding
+/// is invalid (masked from attention) and carries no labels.
+pub fn collate_to(rows: &[Row], pad_id: u32, multiple: usize) -> TrainBatch {
+    let len = rows.iter().map(Row::len).max().unwrap_or(0).next_multiple_of(multiple.max(1));
     let total = rows.len() * len;
     let mut b = TrainBatch {
         rows: rows.len(),
@@ -247,6 +255,31 @@ pub fn collate(rows: &[Row], pad_id: u32) -> TrainBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn collate_to_pads_to_a_multiple_with_masked_unlabelled_tokens() {
+        let row = |n: usize| Row {
+            ids: (1..=n as u32).collect(),
+            positions: (0..n).collect(),
+            segments: vec![1; n],
+            labels: (0..n as i64).collect(),
+        };
+        let rows = [row(70), row(5)];
+        let exact = collate(&rows, 0);
+        assert_eq!(exact.len, 70);
+        let b = collate_to(&rows, 9, 64);
+        assert_eq!((b.rows, b.len), (2, 128));
+        for r in 0..2 {
+            let n = rows[r].len();
+            let at = |v: &[bool]| v[r * 128..(r + 1) * 128].iter().filter(|&&x| x).count();
+            assert_eq!(at(&b.valid), n);
+            assert!(b.labels[r * 128 + n..(r + 1) * 128].iter().all(|&l| l == IGNORE));
+            assert!(b.ids[r * 128 + n..(r + 1) * 128].iter().all(|&t| t == 9));
+            assert_eq!(&b.ids[r * 128..r * 128 + n], &rows[r].ids[..]);
+        }
+        assert_eq!(b.label_tokens(), exact.label_tokens());
+        assert_eq!(collate_to(&[row(128)], 0, 64).len, 128, "a multiple already");
+    }
 
     #[test]
     fn splitmix64_matches_the_reference_sequence() {

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use retort_data::{ChatTemplate, PrepareOptions, PrepareReport, Row, Tokenizer, collate, prepare};
+use retort_data::{ChatTemplate, PrepareOptions, PrepareReport, Row, Tokenizer, collate_to, prepare};
 use retort_io::Progress;
 use retort_model::burn::module::Module as _;
 use retort_model::burn::tensor::Device;
@@ -440,7 +440,7 @@ pub fn plan(
         config,
         TrainShape {
             batch: t.micro_batch_size as usize,
-            seq: t.max_seq_len as usize,
+            seq: (t.max_seq_len as usize).next_multiple_of(len_multiple(gpu)),
             rank: recipe.lora.r as usize,
             nf4: recipe.base.quantize == retort_recipe::schema::project::Quantize::Nf4,
             checkpointing,
@@ -513,9 +513,18 @@ pub fn epoch_order(rows: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
-fn micro_batch(rows: &[&Row]) -> MicroBatch {
+/// Micro-batches on GPUs are padded to a multiple of this many tokens per row, so that their shapes, and
+/// the kernels compiled and tuned for them, repeat from step to step.
+pub const GPU_LEN_MULTIPLE: usize = 64;
+
+/// What row lengths are padded to a multiple of on `gpu` or the CPU (exact there: no kernels to reuse).
+pub fn len_multiple(gpu: bool) -> usize {
+    if gpu { GPU_LEN_MULTIPLE } else { 1 }
+}
+
+fn micro_batch(rows: &[&Row], len_multiple: usize) -> MicroBatch {
     let owned: Vec<Row> = rows.iter().map(|r| (*r).clone()).collect();
-    let b = collate(&owned, 0);
+    let b = collate_to(&owned, 0, len_multiple);
     MicroBatch {
         batch: Batch {
             rows: b.rows,
@@ -529,15 +538,20 @@ fn micro_batch(rows: &[&Row]) -> MicroBatch {
     }
 }
 
-/// Mean validation loss per label token.
-pub fn val_loss(model: &Transformer, val: &[Row], micro_batch_size: usize) -> Option<f64> {
+/// Mean validation loss per label token, rows padded to a multiple of `len_multiple` tokens.
+pub fn val_loss(
+    model: &Transformer,
+    val: &[Row],
+    micro_batch_size: usize,
+    len_multiple: usize,
+) -> Option<f64> {
     // Without autodiff: a forward that is never differentiated must not record a graph.
     let model = &model.valid();
     let mut sum = 0f64;
     let mut count = 0usize;
     for chunk in val.chunks(micro_batch_size.max(1)) {
         let refs: Vec<&Row> = chunk.iter().collect();
-        let mb = micro_batch(&refs);
+        let mb = micro_batch(&refs, len_multiple);
         count += mb.label_tokens();
         let hidden = model.hidden(&mb.batch, None);
         if let Some(nll) = nll_sum(model, hidden, &mb.labels) {
@@ -748,7 +762,8 @@ pub fn run(
     let mut metrics = Metrics::open(&layout.train_dir.join("metrics.jsonl"), state.step)?;
     if state.step == 0
         && plan.eval_every > 0
-        && let Some(v) = val_loss(&model, &data.val, t.micro_batch_size.max(1) as usize)
+        && let Some(v) =
+            val_loss(&model, &data.val, t.micro_batch_size.max(1) as usize, len_multiple(setup.gpu))
     {
         // The untrained adapter's validation loss (B = 0: the base's), the curve's starting point.
         metrics.write(&json!({"step": 0, "val_loss": v}))?;
@@ -803,7 +818,7 @@ pub fn run(
             let start = state.cursor as usize * mb;
             let rows: Vec<&Row> =
                 order[start..(start + mb).min(order.len())].iter().map(|&i| &data.train[i]).collect();
-            micro.push(micro_batch(&rows));
+            micro.push(micro_batch(&rows, len_multiple(setup.gpu)));
             state.cursor += 1;
         }
         let tokens: u64 = micro.iter().map(|m| m.batch.valid.iter().filter(|&&v| v).count() as u64).sum();
@@ -858,7 +873,7 @@ pub fn run(
         let last = state.step == plan.total_steps;
         if plan.eval_every > 0
             && (state.step % plan.eval_every == 0 || last)
-            && let Some(v) = val_loss(&model, &data.val, mb)
+            && let Some(v) = val_loss(&model, &data.val, mb, len_multiple(setup.gpu))
         {
             if state.best_val.is_none_or(|(_, b)| v < b) {
                 state.best_val = Some((state.step, v));

@@ -412,3 +412,35 @@ fn autocast_is_planned_by_device_and_dtype_and_resumes_to_the_same_bits() {
     let Outcome::Finished(_) = run(&parts, false).unwrap() else { panic!("not finished") };
     assert!(adapter_bytes(&on) == adapter_bytes(&parts), "resumed adapter differs");
 }
+
+#[test]
+fn gpu_style_padding_to_a_multiple_of_64_tokens_leaves_the_losses_unchanged() {
+    // A run set up as on a GPU (on the CPU device here) pads every micro-batch's rows to a multiple of
+    // 64 tokens and turns checkpointing on; the padding is masked and unlabelled, so training and
+    // validation losses match the unpadded run to f32 rounding. (Without dropout: a mask is drawn over
+    // the padded shape, so it differs.)
+    let losses = |gpu: bool| {
+        let p = project("max_steps = 3\neval_every = 3");
+        let path = p.root.join("recipe.toml");
+        let text = std::fs::read_to_string(&path).unwrap().replace("dropout = 0.1\n", "dropout = 0.0\n");
+        std::fs::write(&path, text).unwrap();
+        let setup = Setup { gpu, ..setup(&p, false) };
+        let r = recipe(&p);
+        assert_eq!(retort_train::run::len_multiple(gpu), if gpu { 64 } else { 1 });
+        let Outcome::Finished(_) =
+            retort_train::run(&r, &setup, &retort_io::NoProgress, &AtomicBool::new(false)).unwrap()
+        else {
+            panic!("not finished")
+        };
+        let m = metrics(&p);
+        let pick = |key: &str| -> Vec<f64> { m.iter().filter_map(|v| v[key].as_f64()).collect() };
+        (pick("loss"), pick("val_loss"), pick("tokens"))
+    };
+    let (plain, padded) = (losses(false), losses(true));
+    assert_eq!(plain.0.len(), 3);
+    assert!(!plain.1.is_empty() && plain.1.len() == padded.1.len());
+    assert_eq!(plain.2, padded.2, "tokens count valid tokens only");
+    for (a, b) in plain.0.iter().chain(&plain.1).zip(padded.0.iter().chain(&padded.1)) {
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "{a} vs {b}");
+    }
+}
