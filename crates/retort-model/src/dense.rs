@@ -133,7 +133,7 @@ pub fn project(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
 
 /// LoRA dropout drawn inside [`project_lora`]: element `e` of its `[m, k]` input (row-major) is kept,
 /// and scaled by `1 / keep`, when its 16 bits of a hash of `(seed, e / 4)` fall below `keep` x 2^16
-/// (keep is rounded to a multiple of 2^-16, 1.5e-5 at most; torch draws from 24-bit uniforms).
+/// (keep is rounded to a multiple of 2^-16, off by 7.6e-6 at most; torch draws from 24-bit uniforms).
 /// Counter-based, so threads draw their rows independently, and the backward keeps the mask as one bit
 /// per value instead of an f32 mask and an f32 dropped-out copy of the input.
 #[derive(Debug, Clone, Copy)]

@@ -95,6 +95,14 @@ eval_every = 4
     std::fs::write(root.join("recipe.toml"), text).unwrap();
 }
 
+/// Changes a line of the written recipe outside `[train]` (where `project`'s extra lines go).
+fn replace_in_recipe(p: &Project, from: &str, to: &str) {
+    let path = p.root.join("recipe.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(from), "the recipe has no {from:?}");
+    std::fs::write(&path, text.replace(from, to)).unwrap();
+}
+
 fn recipe(p: &Project) -> retort_recipe::Recipe {
     match retort_recipe::load(&p.root.join("recipe.toml")) {
         Ok(l) => l.recipe,
@@ -322,11 +330,7 @@ fn qlora_learns_and_resumes_to_the_same_bits() {
 
 #[test]
 fn an_f16_base_trains_with_loss_scaling_and_resumes_to_the_same_bits() {
-    let f16 = |p: &Project| {
-        let path = p.root.join("recipe.toml");
-        let text = std::fs::read_to_string(&path).unwrap().replace("dtype = \"f32\"\n", "dtype = \"f16\"\n");
-        std::fs::write(&path, text).unwrap();
-    };
+    let f16 = |p: &Project| replace_in_recipe(p, "dtype = \"f32\"\n", "dtype = \"f16\"\n");
     let whole = project("");
     f16(&whole);
     let Outcome::Finished(report) = run(&whole, false).unwrap() else { panic!("not finished") };
@@ -370,11 +374,7 @@ fn an_f16_base_trains_with_loss_scaling_and_resumes_to_the_same_bits() {
 
 #[test]
 fn autocast_is_planned_by_device_and_dtype_and_resumes_to_the_same_bits() {
-    let bf16 = |p: &Project| {
-        let path = p.root.join("recipe.toml");
-        let text = std::fs::read_to_string(&path).unwrap().replace("dtype = \"f32\"\n", "dtype = \"bf16\"\n");
-        std::fs::write(&path, text).unwrap();
-    };
+    let bf16 = |p: &Project| replace_in_recipe(p, "dtype = \"f32\"\n", "dtype = \"bf16\"\n");
     let planned = |p: &Project, gpu: bool| {
         let r = recipe(p);
         let (tok, template, _) = retort_train::run::text_tools(&r, &p.base).unwrap();
@@ -421,9 +421,7 @@ fn gpu_style_padding_to_a_multiple_of_64_tokens_leaves_the_losses_unchanged() {
     // the padded shape, so it differs.)
     let losses = |gpu: bool| {
         let p = project("max_steps = 3\neval_every = 3");
-        let path = p.root.join("recipe.toml");
-        let text = std::fs::read_to_string(&path).unwrap().replace("dropout = 0.1\n", "dropout = 0.0\n");
-        std::fs::write(&path, text).unwrap();
+        replace_in_recipe(&p, "dropout = 0.1\n", "dropout = 0.0\n");
         let setup = Setup { gpu, ..setup(&p, false) };
         let r = recipe(&p);
         assert_eq!(retort_train::run::len_multiple(gpu), if gpu { 64 } else { 1 });
