@@ -219,6 +219,33 @@ impl Bits {
     }
 }
 
+/// The frozen weight `[n, k]` of [`project_lora`].
+#[derive(Debug, Clone, Copy)]
+pub enum Frozen<'a> {
+    /// Dense, in the compute dtype.
+    Dense(&'a Tensor<2>),
+    /// NF4 (QLoRA): dequantized for the forward and again for the backward's input gradient, so that
+    /// between the two only the packed weight is kept, as bitsandbytes' `MatMul4Bit` does.
+    Nf4(&'a crate::nf4::Nf4Weight),
+}
+
+/// What the backward keeps of the frozen weight: the dense values, or the packed NF4 weight (on the
+/// plain device) to dequantize again.
+#[derive(Debug, Clone)]
+enum KeptWeight {
+    Dense(FlexTensor),
+    Nf4(crate::nf4::Nf4Weight),
+}
+
+impl KeptWeight {
+    fn dense(&self) -> Option<FlexTensor> {
+        match self {
+            KeptWeight::Dense(t) => Some(t.clone()),
+            KeptWeight::Nf4(q) => crate::recorded::untracked(&q.dequantize()),
+        }
+    }
+}
+
 /// What the backward of [`project_lora`] keeps: the input (for A's gradient, through the dropout mask
 /// when there is one), the mask, the frozen weight, A, B, the scale and the scaled `xd A^T` (for B's
 /// gradient).
@@ -226,7 +253,7 @@ impl Bits {
 struct LoraState {
     x: FlexTensor,
     mask: Option<Arc<Bits>>,
-    w: FlexTensor,
+    w: KeptWeight,
     a: FlexTensor,
     b: FlexTensor,
     scale: f32,
@@ -247,14 +274,9 @@ impl Backward<Flex, 3> for LoraProjectBackward {
         let dy = grads.consume::<Flex>(&ops.node);
         let LoraState { x, mask, w, a, b, scale, xs } = ops.state;
         let dy = readable(dy);
-        let (Some(d), Some(xo), Some(wo), Some(ao), Some(bo), Some(xs)) = (
-            Operand::of(&dy),
-            Operand::of(&x),
-            Operand::of(&w),
-            Operand::of(&a),
-            Operand::of(&b),
-            Operand::of(&xs),
-        ) else {
+        let (Some(d), Some(xo), Some(ao), Some(bo), Some(xs)) =
+            (Operand::of(&dy), Operand::of(&x), Operand::of(&a), Operand::of(&b), Operand::of(&xs))
+        else {
             return;
         };
         let (m, r) = (d.rows, ao.rows);
@@ -282,6 +304,8 @@ impl Backward<Flex, 3> for LoraProjectBackward {
         }
         if let Some(node) = node_x {
             // dx = dy W + dxs A: dy (W^T)^T, then dxs (A^T)^T added in place (through the mask).
+            let Some(w) = w.dense() else { return };
+            let Some(wo) = Operand::of(&w) else { return };
             let mut dx = product(&d, &wo.transposed());
             match &mask {
                 Some(bits) => add_masked(&mut dx, &product(&dxs_o, &ao.transposed()), bits),
@@ -333,24 +357,33 @@ fn readable(t: FlexTensor) -> FlexTensor {
 /// [`crate::gemv`] decodes faster); the caller then computes the parts.
 pub fn project_lora(
     x: &Tensor<2>,
-    w: &Tensor<2>,
+    w: Frozen<'_>,
     a: &Tensor<2>,
     b: &Tensor<2>,
     scale: f64,
     dropout: Option<Dropout>,
 ) -> Option<Tensor<2>> {
     let [m, k] = x.dims();
-    let ([n, wk], [r, ak], [bn, br]) = (w.dims(), a.dims(), b.dims());
+    let ([n, wk], w_dtype, w_trained) = match w {
+        Frozen::Dense(t) => (t.dims(), t.dtype(), t.is_require_grad()),
+        Frozen::Nf4(q) => (q.shape, q.dtype, false),
+    };
+    let ([r, ak], [bn, br]) = (a.dims(), b.dims());
     if m == 0 || n == 0 || k == 0 || r == 0 || wk != k || ak != k || bn != n || br != r {
         return None;
     }
-    if [x, w, a, b].iter().any(|t| t.dtype() != DType::F32) || !crate::device::is_cpu(&x.device()) {
+    if [x, a, b].iter().any(|t| t.dtype() != DType::F32) || w_dtype != DType::F32 {
         return None;
     }
-    if w.is_require_grad() || (!x.is_autodiff() && m <= crate::gemv::MAX_ROWS) {
+    if !crate::device::is_cpu(&x.device()) || w_trained || (!x.is_autodiff() && m <= crate::gemv::MAX_ROWS) {
         return None;
     }
-    let wf = crate::recorded::untracked(w)?;
+    let kept = match w {
+        Frozen::Dense(t) => KeptWeight::Dense(crate::recorded::untracked(t)?),
+        Frozen::Nf4(q) => KeptWeight::Nf4(burn::module::Module::valid(q)),
+    };
+    // Dropped after the forward when NF4: the backward dequantizes again.
+    let wf = kept.dense()?;
     let scale = scale as f32;
     // The output and the scaled `xd A^T`, the input dropped out through the mask when there is one.
     let run = |xf: &FlexTensor, af: &FlexTensor, bf: &FlexTensor, mask: Option<&Bits>| {
@@ -379,7 +412,7 @@ pub fn project_lora(
     let recorded =
         match LoraProjectBackward.prepare::<NoCheckpointing>([xn, an, bn]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                prep.finish(LoraState { x: xf, mask, w: wf, a: af, b: bf, scale, xs }, y)
+                prep.finish(LoraState { x: xf, mask, w: kept, a: af, b: bf, scale, xs }, y)
             }
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
@@ -536,7 +569,7 @@ mod tests {
                 let x = if x_grad { x0.clone().require_grad() } else { x0.clone() };
                 let (a, b) = (a0.clone().require_grad(), b0.clone().require_grad());
                 let y = if ours {
-                    project_lora(&x, w, &a, &b, scale, draw).unwrap()
+                    project_lora(&x, Frozen::Dense(w), &a, &b, scale, draw).unwrap()
                 } else {
                     let xd = match &mask {
                         Some(mask) => x.clone() * mask.clone(),
@@ -611,15 +644,24 @@ mod tests {
             x.clone().matmul(w.clone().transpose())
                 + x.clone().matmul(a.clone().transpose()).mul_scalar(2.0).matmul(b.clone().transpose()),
         );
-        let got = values(project_lora(&x, &w, &a, &b, 2.0, None).unwrap());
+        let got = values(project_lora(&x, Frozen::Dense(&w), &a, &b, 2.0, None).unwrap());
         for (g, e) in got.iter().zip(&expected) {
             assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{g} vs {e}");
         }
         assert!(
-            project_lora(&x.clone().narrow(0, 0, crate::gemv::MAX_ROWS), &w, &a, &b, 2.0, None).is_none()
+            project_lora(
+                &x.clone().narrow(0, 0, crate::gemv::MAX_ROWS),
+                Frozen::Dense(&w),
+                &a,
+                &b,
+                2.0,
+                None
+            )
+            .is_none()
         );
         assert!(
-            project_lora(&x, &w, &a, &Tensor::<2>::ones([24, 5], &device), 2.0, None).is_none(),
+            project_lora(&x, Frozen::Dense(&w), &a, &Tensor::<2>::ones([24, 5], &device), 2.0, None)
+                .is_none(),
             "rank mismatch"
         );
     }

@@ -110,21 +110,22 @@ impl Linear {
     /// Applies the layer to `[batch, seq, in]`; `train` turns adapter dropout on.
     pub fn forward(&self, x: Tensor<3>, train: bool) -> Tensor<3> {
         let [b, s, i] = x.dims();
-        let w = self.weight.val();
-        let out = w.dims()[0];
+        let out = self.out_features();
         let x2 = x.reshape([b * s, i]);
         let bias = self.bias.as_ref().map(|b| b.val());
         let add_bias = |y: Tensor<2>| match &bias {
             Some(bias) => y + bias.clone().reshape([1, out]),
             None => y,
         };
+        // On the CPU in f32, the projection and a plain adapter as one operation (an NF4 weight is
+        // dequantized inside it, and again in its backward).
+        if let Some(y) = self.lora.as_ref().and_then(|l| l.fused(&x2, &self.weight, train)) {
+            return add_bias(y).reshape([b, s, out]);
+        }
+        let w = self.weight.val();
         let Some(lora) = &self.lora else {
             return add_bias(project(&x2, &w)).reshape([b, s, out]);
         };
-        // On the CPU in f32, the projection and a plain adapter as one operation.
-        if let Some(y) = lora.fused(&x2, &w, train) {
-            return add_bias(y).reshape([b, s, out]);
-        }
         let mask = lora.dropout_mask(&x2, train);
         let y = add_bias(project(&x2, &w));
         let y = lora.apply(x2, y, &w, bias.as_ref(), mask);

@@ -61,13 +61,17 @@ impl Lora {
     /// LoRA on the CPU in f32; in training with dropout the operation draws its own mask
     /// ([`crate::dense::Dropout`]) from a seed taken from the device's generator. `None` otherwise:
     /// [`Lora::apply`] then adds the adapter.
-    pub fn fused(&self, x: &Tensor<2>, w: &Tensor<2>, train: bool) -> Option<Tensor<2>> {
+    pub fn fused(&self, x: &Tensor<2>, w: &crate::linear::Weight, train: bool) -> Option<Tensor<2>> {
         if self.magnitude.is_some() || x.dtype() != DType::F32 || !crate::device::is_cpu(&x.device()) {
             return None;
         }
         let dropout = (train && self.dropout > 0.0)
             .then(|| crate::dense::Dropout { seed: draw_seed(&x.device()), keep: 1.0 - self.dropout });
-        crate::dense::project_lora(x, w, &self.a.val(), &self.b.val(), self.scale, dropout)
+        let frozen = match w {
+            crate::linear::Weight::Dense(w) => &crate::dense::Frozen::Dense(&w.val()),
+            crate::linear::Weight::Nf4(q) => &crate::dense::Frozen::Nf4(q),
+        };
+        crate::dense::project_lora(x, *frozen, &self.a.val(), &self.b.val(), self.scale, dropout)
     }
 
     /// The adapter's contribution added to `base` (`x W^T + b`, `[n, out]`), for flattened inputs
