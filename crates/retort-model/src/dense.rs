@@ -234,7 +234,7 @@ pub enum Frozen<'a> {
 #[derive(Debug, Clone)]
 enum KeptWeight {
     Dense(FlexTensor),
-    Nf4(crate::nf4::Nf4Weight),
+    Nf4(Box<crate::nf4::Nf4Weight>),
 }
 
 impl KeptWeight {
@@ -380,7 +380,7 @@ pub fn project_lora(
     }
     let kept = match w {
         Frozen::Dense(t) => KeptWeight::Dense(crate::recorded::untracked(t)?),
-        Frozen::Nf4(q) => KeptWeight::Nf4(burn::module::Module::valid(q)),
+        Frozen::Nf4(q) => KeptWeight::Nf4(Box::new(burn::module::Module::valid(q))),
     };
     // Dropped after the forward when NF4: the backward dequantizes again.
     let wf = kept.dense()?;

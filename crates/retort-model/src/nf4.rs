@@ -16,11 +16,14 @@
 //!
 //! Memory: only the packed parts persist. The dense weight exists during a forward; in training the
 //! matmul keeps it for the backward pass (burn's autodiff saves the right-hand side of a matmul), so a
-//! step holds one compute-dtype copy of the projections at its peak. Removing that needs a custom
-//! autodiff operation whose backward re-dequantizes (bitsandbytes' `MatMul4Bit`).
+//! step holds one compute-dtype copy of the projections at its peak. On the CPU in f32 the projection
+//! with its adapter is one operation whose backward dequantizes again
+//! ([`crate::dense::project_lora`], as bitsandbytes' `MatMul4Bit` does), and the dequantization is a
+//! direct parallel pass with the same bits.
 
 use burn::module::Module;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use rayon::prelude::*;
 
 /// The per-block scales of an [`Nf4Weight`] on the device.
 #[derive(Module, Debug)]
@@ -211,6 +214,40 @@ impl Nf4Weight {
 
     /// The dense weight `[out, in]` in the compute dtype, computed from the packed parts.
     pub fn dequantize(&self) -> Tensor<2> {
+        self.dequantize_host().unwrap_or_else(|| self.dequantize_ops())
+    }
+
+    /// On the CPU in f32: the same products, `NF4[code] * absmax`, computed directly with the blocks in
+    /// parallel, where burn's operations unpack, gather and multiply in several passes over the weight
+    /// (a training step of QLoRA dequantizes every projection twice). `None` elsewhere.
+    fn dequantize_host(&self) -> Option<Tensor<2>> {
+        let device = self.device();
+        if self.dtype != DType::F32 || !crate::device::is_cpu(&device) {
+            return None;
+        }
+        let codes = self.codes.clone().into_data();
+        let codes = codes.as_slice::<i32>().ok()?;
+        let absmax = self.absmax().into_data();
+        let absmax = absmax.as_slice::<f32>().ok()?;
+        let book = self.code_book.clone().into_data();
+        let book = book.as_slice::<f32>().ok()?;
+        let (numel, bs) = (self.numel(), self.blocksize);
+        if codes.len() * 8 < numel || absmax.len() * bs < numel || book.len() != 16 {
+            return None;
+        }
+        let mut out = vec![0f32; numel];
+        out.par_chunks_mut(bs).zip(absmax.par_iter()).enumerate().for_each(|(b, (chunk, &scale))| {
+            for (j, v) in chunk.iter_mut().enumerate() {
+                let i = b * bs + j;
+                let code = (codes[i / 8] as u32 >> NIBBLE_SHIFTS[i % 8]) & 0x0f;
+                *v = book[code as usize] * scale;
+            }
+        });
+        Some(Tensor::from_data(TensorData::new(out, self.shape), (&device, DType::F32)))
+    }
+
+    /// [`Nf4Weight::dequantize`] from tensor operations, on any device.
+    fn dequantize_ops(&self) -> Tensor<2> {
         let (numel, blocks, bs) = (self.numel(), self.blocks(), self.blocksize);
         let codes = unpack(self.codes.clone(), &NIBBLE_SHIFTS, 0x0f);
         let values = self.code_book.clone().select(0, codes).reshape([blocks, bs]);
@@ -230,5 +267,59 @@ impl Nf4Weight {
                 Nf4Scales::Plain(a) => floats(a),
                 Nf4Scales::Double(d) => ints(&d.codes) + floats(&d.scales) + 4,
             }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail by panicking")]
+
+    use super::*;
+
+    fn values(t: Tensor<2>) -> Vec<u32> {
+        t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// The direct CPU dequantization gives the tensor operations' bits, with plain and double-quantized
+    /// absmax, on a shape whose last block is partial and a blocksize that is not 64.
+    #[test]
+    fn host_dequantization_equals_the_tensor_operations_bit_for_bit() {
+        let mut state = 0x1234_5678_9abc_def0u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let shape = [37, 29];
+        let numel: usize = 37 * 29;
+        for bs in [64, 32] {
+            let blocks = numel.div_ceil(bs);
+            let codes: Vec<u8> = (0..numel.div_ceil(2)).map(|_| next() as u8).collect();
+            let absmax: Vec<f32> = (0..blocks).map(|_| (next() % 1000) as f32 / 997.0).collect();
+            let book: [f32; 16] = std::array::from_fn(|i| i as f32 / 7.5 - 1.0);
+            let dq_codes: Vec<u8> = (0..blocks).map(|_| next() as u8).collect();
+            let dq_scales: Vec<f32> =
+                (0..blocks.div_ceil(256)).map(|_| 0.01 + (next() % 100) as f32 / 1e4).collect();
+            let dq_book: [f32; 256] = std::array::from_fn(|i| (i as f32 - 128.0) / 131.0);
+            let scales = [
+                HostScales::Plain(&absmax),
+                HostScales::Double {
+                    codes: &dq_codes,
+                    scales: &dq_scales,
+                    offset: 0.037,
+                    code_book: &dq_book,
+                },
+            ];
+            for device in [Device::flex(), Device::flex().autodiff()] {
+                for s in scales {
+                    let host = HostNf4 { shape, blocksize: bs, codes: &codes, scales: s, code_book: &book };
+                    let w = Nf4Weight::new(host, DType::F32, &device).unwrap();
+                    let direct = w.dequantize_host().expect("f32 on the CPU");
+                    assert_eq!(direct.dims(), shape);
+                    assert_eq!(values(direct), values(w.dequantize_ops()), "blocksize {bs}");
+                }
+            }
+        }
     }
 }
