@@ -62,7 +62,9 @@ pub fn for_recipe(
     let t = &recipe.train;
     let shape = ProbeShape {
         batch: t.micro_batch_size as usize,
-        seq: t.max_seq_len as usize,
+        // As the run pads rows on GPUs.
+        seq: (t.max_seq_len as usize)
+            .next_multiple_of(crate::run::len_multiple(!retort_model::device::is_cpu(device))),
         accum: t.grad_accum as usize,
         checkpointing,
         nf4: (recipe.base.quantize == retort_recipe::schema::project::Quantize::Nf4)
