@@ -14,6 +14,8 @@ pub mod attention_grad;
 pub mod batch;
 pub mod builtin;
 pub mod cpu_attention;
+#[cfg(feature = "gpu-kernels")]
+pub mod cube;
 pub mod dense;
 pub mod device;
 pub mod dtype;

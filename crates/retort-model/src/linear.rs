@@ -122,13 +122,18 @@ impl Linear {
         if let Some(y) = self.lora.as_ref().and_then(|l| l.fused(&x2, &self.weight, train)) {
             return add_bias(y).reshape([b, s, out]);
         }
-        let w = self.weight.val();
+        // On a GPU under autodiff an NF4 weight is dequantized inside one recorded operation, and again
+        // in its backward, so the graph keeps it packed.
+        let base = |x2: &Tensor<2>| match self.weight.nf4().and_then(|q| q.project_recorded(x2)) {
+            Some(y) => y,
+            None => project(x2, &self.weight.val()),
+        };
         let Some(lora) = &self.lora else {
-            return add_bias(project(&x2, &w)).reshape([b, s, out]);
+            return add_bias(base(&x2)).reshape([b, s, out]);
         };
         let mask = lora.dropout_mask(&x2, train);
-        let y = add_bias(project(&x2, &w));
-        let y = lora.apply(x2, y, &w, bias.as_ref(), mask);
+        let y = add_bias(base(&x2));
+        let y = lora.apply(x2, y, &|| self.weight.val(), bias.as_ref(), mask);
         y.reshape([b, s, out])
     }
 }

@@ -75,13 +75,13 @@ impl Lora {
     }
 
     /// The adapter's contribution added to `base` (`x W^T + b`, `[n, out]`), for flattened inputs
-    /// `x` (`[n, in]`), given the frozen weight `w` (`[out, in]`, needed by DoRA only) and the
+    /// `x` (`[n, in]`), given the frozen weight `w` (`[out, in]`, computed on demand: DoRA only) and the
     /// [`Lora::dropout_mask`] drawn for `x` when training with dropout.
     pub fn apply(
         &self,
         x: Tensor<2>,
         base: Tensor<2>,
-        w: &Tensor<2>,
+        w: &dyn Fn() -> Tensor<2>,
         bias: Option<&Tensor<1>>,
         mask: Option<Tensor<2>>,
     ) -> Tensor<2> {
@@ -102,7 +102,8 @@ impl Lora {
         let y = match &self.magnitude {
             None => base32 + lora,
             Some(m) => {
-                let w32 = if w.dtype() == DType::F32 { w.clone() } else { w.clone().cast(DType::F32) };
+                let w = w();
+                let w32 = if w.dtype() == DType::F32 { w } else { w.cast(DType::F32) };
                 let delta = b.detach().matmul(a.detach()).mul_scalar(self.scale);
                 let norm = (w32.clone() + delta).square().sum_dim(1).sqrt().detach().reshape([1, -1]);
                 let mag_scale = m.val().reshape([1, -1]) / norm;

@@ -14,12 +14,14 @@
 //! `Nf4Tensor::dequantize` bit for bit on any backend that rounds each f32 operation (no fused
 //! multiply-add across the two steps).
 //!
-//! Memory: only the packed parts persist. The dense weight exists during a forward; in training the
-//! matmul keeps it for the backward pass (burn's autodiff saves the right-hand side of a matmul), so a
-//! step holds one compute-dtype copy of the projections at its peak. On the CPU in f32 the projection
-//! with its adapter is one operation whose backward dequantizes again
-//! ([`crate::dense::project_lora`], as bitsandbytes' `MatMul4Bit` does), and the dequantization is a
-//! direct parallel pass with the same bits.
+//! Memory: only the packed parts persist. The dense weight exists during a forward; where the matmul
+//! is burn's, autodiff keeps it for the backward pass (it saves the right-hand side of a matmul), so a
+//! step holds one compute-dtype copy of the projections at its peak. Not on the CPU in f32, where the
+//! projection with its adapter is one operation whose backward dequantizes again
+//! ([`crate::dense::project_lora`], as bitsandbytes' `MatMul4Bit` does), nor on burn's GPU backend,
+//! where the projection is such an operation too ([`Nf4Weight::project_recorded`]). The fast
+//! dequantizations, a direct parallel pass on the CPU and one kernel on GPUs ([`crate::cube`]), give
+//! the tensor operations' bits.
 
 use burn::module::Module;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
@@ -214,7 +216,49 @@ impl Nf4Weight {
 
     /// The dense weight `[out, in]` in the compute dtype, computed from the packed parts.
     pub fn dequantize(&self) -> Tensor<2> {
-        self.dequantize_host().unwrap_or_else(|| self.dequantize_ops())
+        self.dequantize_fast().unwrap_or_else(|| self.dequantize_ops())
+    }
+
+    /// The dense weight by the device's direct path: one parallel pass on the CPU in f32, one kernel
+    /// on burn's GPU backend ([`crate::cube`]). `None` where there is none (the CPU in 16-bit dtypes,
+    /// builds without GPU features), where [`Nf4Weight::dequantize`] uses tensor operations.
+    pub fn dequantize_fast(&self) -> Option<Tensor<2>> {
+        if let Some(w) = self.dequantize_host() {
+            return Some(w);
+        }
+        #[cfg(feature = "gpu-kernels")]
+        if let Some(w) = crate::cube::nf4_dequantize(
+            &self.codes,
+            &self.absmax(),
+            &self.code_book,
+            self.shape,
+            self.blocksize,
+            self.dtype,
+        ) {
+            return Some(w);
+        }
+        None
+    }
+
+    /// `x W^T` for `x` `[n, in]` on burn's GPU backend under autodiff, as one recorded operation that
+    /// dequantizes for the forward and again in the backward, so that autodiff keeps this packed weight
+    /// instead of the dense one (bitsandbytes' `MatMul4Bit`; [`crate::cube`]). `None` elsewhere: the
+    /// caller multiplies by [`Nf4Weight::dequantize`] (the CPU has its own fused operation,
+    /// [`crate::dense::project_lora`]).
+    pub fn project_recorded(&self, x: &Tensor<2>) -> Option<Tensor<2>> {
+        #[cfg(feature = "gpu-kernels")]
+        return crate::cube::nf4_project(x, self);
+        #[cfg(not(feature = "gpu-kernels"))]
+        {
+            let _ = x;
+            None
+        }
+    }
+
+    /// The dense weight from burn's tensor operations alone: what [`Nf4Weight::dequantize`]'s faster
+    /// paths (the CPU pass, the GPU kernel) are tested and measured against.
+    pub fn dequantize_reference(&self) -> Tensor<2> {
+        self.dequantize_ops()
     }
 
     /// On the CPU in f32: the same products, `NF4[code] * absmax`, computed directly with the blocks in

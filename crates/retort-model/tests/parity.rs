@@ -206,3 +206,119 @@ fn generation_stops_at_any_eos_id() {
     let bad = generate(&model, &[vec![1, 5000]], &opts, |_, _| {}).unwrap_err().to_string();
     assert!(bad.contains("5000") && bad.contains("vocabulary of 256"), "{bad}");
 }
+
+/// NF4 dequantization by the device's fast path (the CPU's direct pass, the GPU kernel of
+/// `retort_model::cube`) gives the tensor operations' bits: shapes whose last block is partial or
+/// whose size is not a multiple of 8, blocksizes 64 and 32, plain and double-quantized absmax, each
+/// compute dtype the device has, with and without autodiff.
+#[test]
+fn nf4_dequantization_matches_the_tensor_operations_bit_for_bit() {
+    use retort_model::nf4::{HostNf4, HostScales, Nf4Weight};
+    let device = device();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let book: [f32; 16] = std::array::from_fn(|i| (i as f32 - 7.3) / 7.7);
+    let dq_book: [f32; 256] = std::array::from_fn(|i| (i as f32 - 127.5) / 129.0);
+    let dtypes: Vec<DType> =
+        [DType::F32, DType::F16, DType::BF16].into_iter().filter(|d| device.supports_dtype(*d)).collect();
+    let bits = |t: Tensor<2>| -> Vec<u32> {
+        t.cast(DType::F32).into_data().try_into_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    };
+    for (rows, cols) in [(37, 29), (300, 257), (4, 1024), (1, 3)] {
+        let numel: usize = rows * cols;
+        for bs in [64, 32] {
+            let blocks = numel.div_ceil(bs);
+            let codes: Vec<u8> = (0..numel.div_ceil(2)).map(|_| next() as u8).collect();
+            let absmax: Vec<f32> = (0..blocks).map(|_| (next() % 100_000) as f32 / 99_991.0).collect();
+            let dq_codes: Vec<u8> = (0..blocks).map(|_| next() as u8).collect();
+            let dq_scales: Vec<f32> =
+                (0..blocks.div_ceil(256)).map(|_| 0.01 + (next() % 1000) as f32 / 1e5).collect();
+            let scales = [
+                HostScales::Plain(&absmax),
+                HostScales::Double {
+                    codes: &dq_codes,
+                    scales: &dq_scales,
+                    offset: 0.031,
+                    code_book: &dq_book,
+                },
+            ];
+            for dev in [device.clone(), device.clone().autodiff()] {
+                for &dtype in &dtypes {
+                    for s in scales {
+                        let host = HostNf4 {
+                            shape: [rows, cols],
+                            blocksize: bs,
+                            codes: &codes,
+                            scales: s,
+                            code_book: &book,
+                        };
+                        let w = Nf4Weight::new(host, dtype, &dev).unwrap();
+                        // The CPU's pass is f32 only; burn's GPU backend has the kernel for every dtype.
+                        let direct = dtype == DType::F32 || !retort_model::device::is_cpu(&device);
+                        let fast = match w.dequantize_fast() {
+                            Some(fast) => fast,
+                            None if !direct => w.dequantize(),
+                            None => panic!("no direct NF4 dequantization for {dtype:?} on this device"),
+                        };
+                        assert_eq!(fast.dims(), [rows, cols]);
+                        assert_eq!(fast.dtype(), dtype);
+                        assert_eq!(
+                            bits(fast),
+                            bits(w.dequantize_reference()),
+                            "{rows}x{cols}, blocksize {bs}, {dtype:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// On burn's GPU backend under autodiff, a projection by an NF4 weight is one recorded operation that
+/// dequantizes again in its backward: its output and input gradient equal those of the dense
+/// dequantized weight multiplied by burn's own differentiated matmul. On the CPU that path is
+/// `dense::project_lora`'s (tests in retort-train); there the recorded operation declines.
+#[test]
+fn nf4_projection_recorded_on_the_gpu_matches_the_dense_product_and_its_gradient() {
+    use retort_model::burn::tensor::{Distribution, TensorData};
+    use retort_model::nf4::{HostNf4, HostScales, Nf4Weight};
+    let device = device().autodiff();
+    let (out, inp, n) = (96, 320, 37);
+    let codes: Vec<u8> = (0..out * inp / 2).map(|i| ((i * 2_654_435_761usize) >> 11) as u8).collect();
+    let absmax: Vec<f32> = (0..out * inp / 64).map(|i| 0.05 + (i % 13) as f32 / 50.0).collect();
+    let book: [f32; 16] = std::array::from_fn(|i| (i as f32 - 7.5) / 7.5);
+    let host = HostNf4 {
+        shape: [out, inp],
+        blocksize: 64,
+        codes: &codes,
+        scales: HostScales::Plain(&absmax),
+        code_book: &book,
+    };
+    let q = Nf4Weight::new(host, DType::F32, &device).unwrap();
+    let x0 = Tensor::<2>::random([n, inp], Distribution::Normal(0.0, 1.0), &device);
+    let g = Tensor::<2>::random([n, out], Distribution::Normal(0.0, 1.0), &device);
+    let x = x0.clone().require_grad();
+    let Some(y) = q.project_recorded(&x) else {
+        assert!(retort_model::device::is_cpu(&device), "no recorded NF4 projection on a GPU device");
+        return;
+    };
+    let dx = (y.clone() * g.clone()).sum().backward();
+    let dx = x.grad(&dx).unwrap();
+    let x_ref = x0.require_grad();
+    let y_ref = x_ref.clone().matmul(q.dequantize().transpose());
+    let grads = (y_ref.clone() * g).sum().backward();
+    let dx_ref = x_ref.grad(&grads).unwrap();
+    let flat = |t: TensorData| t.convert::<f32>().try_into_vec::<f32>().unwrap();
+    for (what, ours, theirs) in [
+        ("output", flat(y.into_data()), flat(y_ref.into_data())),
+        ("input gradient", flat(dx.into_data()), flat(dx_ref.into_data())),
+    ] {
+        // The same matmul kernels on the same operands, up to the layout of the transposed weight.
+        check("nf4 projection", what, &ours, &theirs, 1e-5, 1e-5);
+    }
+}
