@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything to run on a machine with a GPU, in one go: the model and LoRA parity suites on the GPU
-# (RETORT_TEST_DEVICE, default wgpu: Vulkan with the SPIR-V compiler), then scripts/bench_gpu.sh.
+# (RETORT_TEST_DEVICE, default wgpu: Vulkan with the SPIR-V compiler), retort's GPU kernels against
+# burn's tensor operations (bench_nf4: NF4 dequantization of Llama-3.1-8B's projections, bf16), then
+# scripts/bench_gpu.sh.
 #
 #   scripts/gpu_check.sh
 #
@@ -9,7 +11,9 @@
 # or a link to it):
 #   cargo test --release --no-run -p retort-model -p retort-train --features retort-model/vulkan --test parity
 #   cargo build --release -p retort-train --example bench_train --features retort-model/vulkan
-# and pass PARITY_BINS="path/to/parity-A path/to/parity-B" and BENCH_TRAIN=path/to/bench_train; or
+#   cargo build --release -p retort-model --example bench_nf4 --features retort-model/vulkan
+# and pass PARITY_BINS="path/to/parity-A path/to/parity-B", BENCH_TRAIN=path/to/bench_train and
+# BENCH_NF4=path/to/bench_nf4; or
 # pack them with scripts/gpu_bundle.sh and pass BUNDLE=its output folder.
 # SKIP_TESTS=1 or SKIP_BENCH=1 leaves one part out; TEST_TIMEOUT=seconds bounds each prebuilt suite.
 set -uo pipefail
@@ -23,6 +27,7 @@ if [ -n "${BUNDLE:-}" ]; then
         chmod +x "$unpacked/$(basename "$f" .xz)"
     done
     BENCH_TRAIN=$unpacked/bench_train
+    BENCH_NF4=$unpacked/bench_nf4
     PARITY_BINS=$(ls "$unpacked"/parity-*)
     export BENCH_TRAIN
 fi
@@ -38,6 +43,13 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     fi
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
+    echo "== kernels against burn's tensor operations on $RETORT_TEST_DEVICE"
+    if [ -n "${BENCH_NF4:-}" ]; then
+        "$BENCH_NF4" "$RETORT_TEST_DEVICE:0" bf16 20 || status=1
+    else
+        cargo run --release --locked -p retort-model --features vulkan --example bench_nf4 -- \
+            "$RETORT_TEST_DEVICE:0" bf16 20 || status=1
+    fi
     scripts/bench_gpu.sh || status=1
 fi
 exit $status
