@@ -63,8 +63,7 @@ pub fn for_recipe(
     let shape = ProbeShape {
         batch: t.micro_batch_size as usize,
         // As the run pads rows on GPUs.
-        seq: (t.max_seq_len as usize)
-            .next_multiple_of(crate::run::len_multiple(!retort_model::device::is_cpu(device))),
+        seq: crate::run::padded_max_len(t.max_seq_len as usize, !retort_model::device::is_cpu(device)),
         accum: t.grad_accum as usize,
         checkpointing,
         nf4: (recipe.base.quantize == retort_recipe::schema::project::Quantize::Nf4)

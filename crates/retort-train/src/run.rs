@@ -440,7 +440,7 @@ pub fn plan(
         config,
         TrainShape {
             batch: t.micro_batch_size as usize,
-            seq: (t.max_seq_len as usize).next_multiple_of(len_multiple(gpu)),
+            seq: padded_max_len(t.max_seq_len as usize, gpu),
             rank: recipe.lora.r as usize,
             nf4: recipe.base.quantize == retort_recipe::schema::project::Quantize::Nf4,
             checkpointing,
@@ -520,6 +520,12 @@ pub const GPU_LEN_MULTIPLE: usize = 64;
 /// What row lengths are padded to a multiple of on `gpu` or the CPU (exact there: no kernels to reuse).
 pub fn len_multiple(gpu: bool) -> usize {
     if gpu { GPU_LEN_MULTIPLE } else { 1 }
+}
+
+/// The longest row of a micro-batch: `max_seq_len` padded as the run pads rows on `gpu` (what the memory
+/// plan and the step-time probe size a micro-batch by).
+pub fn padded_max_len(max_seq_len: usize, gpu: bool) -> usize {
+    max_seq_len.next_multiple_of(len_multiple(gpu))
 }
 
 fn micro_batch(rows: &[&Row], len_multiple: usize) -> MicroBatch {
