@@ -9,7 +9,9 @@ use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{DType, Tensor};
 
+use crate::attention_mem::Blockwise;
 use crate::linear::Linear;
+use crate::mask::Mask;
 use crate::norm::RmsNorm;
 use crate::rope;
 
@@ -89,7 +91,7 @@ impl Attention {
         x: Tensor<3>,
         cos: &Tensor<4>,
         sin: &Tensor<4>,
-        mask: &Tensor<5>,
+        mask: &Mask,
         cache: Option<&mut Option<LayerCache>>,
         train: bool,
     ) -> Tensor<3> {
@@ -126,28 +128,38 @@ impl Attention {
             *slot = Some(LayerCache { k: k.clone(), v: v.clone() });
         }
         let t = k.dims()[2];
-        let mask4 = mask.clone().reshape([b, 1, s, t]);
-        if let Some(out) = crate::attention_grad::fused(&q, &k, &v, &mask4, self.scale, self.softcap) {
-            // One pass per head over a cache-sized score buffer instead of a dozen passes over
-            // `[b, heads, s, t]` tensors; recorded as one operation under autodiff (`attention_grad`).
-            let out = nan_through(out, &q, &k).swap_dims(1, 2).reshape([b, s, h * d]);
-            return self.o.forward(out, train);
+        if q.dtype() == DType::F32 && crate::device::is_cpu(&q.device()) {
+            let mask4 = mask.values().reshape([b, 1, s, t]);
+            if let Some(out) = crate::attention_grad::fused(&q, &k, &v, &mask4, self.scale, self.softcap) {
+                // One pass per head over a cache-sized score buffer instead of a dozen passes over
+                // `[b, heads, s, t]` tensors; recorded as one operation under autodiff (`attention_grad`).
+                let out = nan_through(out, &q, &k).swap_dims(1, 2).reshape([b, s, h * d]);
+                return self.o.forward(out, train);
+            }
         }
-        let out = decomposed(q, k, v, mask, self.scale, self.softcap, SCORE_CHUNK_BYTES);
-        let out = out.swap_dims(1, 2).reshape([b, s, h * d]);
+        // Elsewhere (GPUs; 16-bit bases on the CPU): blocks of query rows that skip the keys the mask
+        // hides, recorded under autodiff as one operation that keeps no score-sized tensor for the
+        // backward (`attention_mem`).
+        let params = Blockwise { scale: self.scale, softcap: self.softcap, chunk_bytes: SCORE_CHUNK_BYTES };
+        let out = match crate::attention_mem::recorded(&q, &k, &v, mask, params) {
+            Some(out) => out,
+            None => crate::attention_mem::forward(&q, &k, &v, mask, params).0,
+        };
+        let out = nan_through(out, &q, &k).swap_dims(1, 2).reshape([b, s, h * d]);
         self.o.forward(out, train)
     }
 }
 
-/// The decomposed attention (GPUs, and the CPU where the fused kernel does not apply) computes the f32
-/// scores of at most this many bytes at once: a block of query rows at a time. GPU APIs cap one buffer
-/// (wgpu on an H200 refused a 2 GiB one: the scores of 4 x 2048 tokens of a 32-head 1B model), and a
-/// bounded block keeps the softmax's temporaries small. Autodiff still keeps every block's
-/// probabilities for the backward, so the memory of a training step is the same.
+/// Attention off the CPU's fused kernel ([`crate::attention_mem`], and the decomposed reference)
+/// computes the f32 scores of at most this many bytes at once: a block of query rows at a time. GPU
+/// APIs cap one buffer (wgpu on an H200 refused a 2 GiB one: the scores of 4 x 2048 tokens of a
+/// 32-head 1B model), and a bounded block keeps the softmax's temporaries small.
 pub const SCORE_CHUNK_BYTES: usize = 256 << 20;
 
 /// Attention of `q` (`[b, heads, s, d]`) over `k` and `v` (`[b, kv_heads, t, d]`) with the additive
-/// `mask` (`[b, 1, 1, s, t]`), as transformers' eager attention computes it: `[b, heads, s, d]`. Query
+/// `mask` (`[b, 1, 1, s, t]`), as transformers' eager attention computes it: `[b, heads, s, d]`, the
+/// reference [`crate::attention_mem`] is tested against (differentiated by autodiff, it keeps every
+/// block's probabilities for the backward). Query
 /// rows go in blocks whose f32 scores take at most `chunk_bytes` (at least one row a block).
 pub fn decomposed(
     q: Tensor<4>,

@@ -11,6 +11,7 @@
 pub mod alloc;
 pub mod attention;
 pub mod attention_grad;
+pub mod attention_mem;
 pub mod batch;
 pub mod builtin;
 pub mod cpu_attention;

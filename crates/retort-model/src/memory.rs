@@ -7,6 +7,8 @@
 
 use retort_hf::ModelConfig;
 
+use crate::attention::SCORE_CHUNK_BYTES;
+
 /// Training computes the LM head's f32 logits this many bytes at a time (a chunk of label positions)
 /// on the CPU: a chunk's logits, log-softmax and gradient stay near the caches.
 pub const HEAD_CHUNK_BYTES: usize = 32 << 20;
@@ -61,7 +63,7 @@ pub struct TrainShape {
     /// Bytes per value of the base weights and activations: 4 for f32 (the CPU), 2 for bf16/f16.
     pub dtype_bytes: usize,
     /// Attention recorded as one operation (`attention_grad`: f32 on the CPU), which keeps no
-    /// `[heads, s, s]` tensor between forward and backward, instead of the decomposed form; SiLU
+    /// statistics between forward and backward, instead of the blockwise form (`attention_mem`); SiLU
     /// models' SwiGLU then is one operation too (`swiglu`), which keeps two fewer tensors.
     pub fused_attention: bool,
     /// Bytes of f32 logits computed at once ([`head_chunk_bytes`] of the device).
@@ -118,7 +120,7 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     // k after RoPE, v and its output (o_proj's input); the gated MLP keeps gate, its sigmoid, the
     // activation, up and their product (down_proj's input), or only gate, up and product where SwiGLU
     // is one recorded operation (`swiglu`, with the CPU's fused attention). In f32 whatever the dtype:
-    // the softmax's exponentials and the probabilities of decomposed attention. Each adapter keeps its
+    // the softmax statistics of blockwise attention (`attention_mem`). Each adapter keeps its
     // scaled `x A^T`, in the dtype its products run in (f32 unless autocast).
     //
     // The projections' inputs counted above (the norms' outputs, attention's output and the MLP's
@@ -127,8 +129,8 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     // its own mask and masked input, except where the projection and its adapter are one operation
     // (`dense::project_lora`, with the CPU's fused attention), which keeps the shared input and its
     // mask as bits.
-    let scores = s.batch as f64 * heads * (s.seq as f64).powi(2) * 4.0;
-    let kept_scores = if s.fused_attention { 0.0 } else { 2.0 * scores };
+    // Attention elsewhere (`attention_mem`) keeps two f32 statistics per query row and head.
+    let kept_scores = if s.fused_attention { 0.0 } else { tokens * heads * 8.0 };
     let mlp_kept = if s.fused_attention && c.activation == retort_hf::Activation::Silu { 3.0 } else { 5.0 };
     let norm_kept = if s.fused_attention { 4.0 } else { 6.0 };
     let adapter_b = if s.autocast { b } else { 4.0 };
@@ -158,7 +160,12 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     // at a time and holds, for one layer, each query head's f32 key and value gradients before they
     // are summed onto the key/value heads.
     let head_grads = 2.0 * tokens * q * 4.0;
-    let activations = activations + if s.fused_attention { head_grads } else { 0.0 };
+    // `attention_mem`'s backward holds one block's f32 scores about four times over (scores,
+    // probabilities, their gradient, and 16-bit copies) and f32 key and value gradients of one layer.
+    let rows = crate::attention_mem::block_rows(s.batch, c.num_heads, s.seq, s.seq, SCORE_CHUNK_BYTES);
+    let block = (s.batch * c.num_heads * rows * s.seq) as f64 * 4.0;
+    let blockwise = 4.0 * block + 2.0 * tokens * kv * 4.0;
+    let activations = activations + if s.fused_attention { head_grads } else { blockwise };
     // f32 logits, their log-softmax (kept) and its gradient, for one chunk of label positions; the
     // CPU's cross-entropy (`xent`, with the fused attention) keeps no log-softmax.
     let kept = if s.fused_attention { 2.0 } else { 3.0 };
@@ -199,10 +206,15 @@ mod tests {
         assert!(nf4.weights / 1e9 > 4.5 && nf4.weights / 1e9 < 6.0, "{}", nf4.weights / 1e9);
         let full = estimate(&c, TrainShape { checkpointing: false, ..shape });
         assert!(full.activations > 5.0 * bf16.activations);
-        // f32 doubles the weights and everything but the f32 attention probabilities.
+        // Blockwise attention keeps two f32 per query row and head of each layer, and its backward one
+        // block of 512 query rows' f32 scores four times over plus one layer's f32 key and value
+        // gradients: no score-sized tensor per layer.
+        let stats = 33.0 * 2048.0 * 32.0 * 8.0;
+        let blockwise = 4.0 * 32.0 * 512.0 * 2048.0 * 4.0 + 2.0 * 2048.0 * 1024.0 * 4.0;
+        // f32 doubles the weights and everything but those f32 parts.
         let f32 = estimate(&c, TrainShape { dtype_bytes: 4, checkpointing: false, ..shape });
         assert_eq!(f32.weights, 2.0 * full.weights);
-        let f32_only = |e: &MemoryEstimate| e.activations - 33.0 * (2.0 * 32.0 * 2048f64.powi(2) * 4.0);
+        let f32_only = |e: &MemoryEstimate| e.activations - stats - blockwise;
         assert!((f32_only(&f32) / f32_only(&full) - 2.0).abs() < 1e-9);
         // Adapters in f32 over a bf16 base: per layer, an f32 copy of each adapter's input (q, k, v, gate
         // and up read 4096 wide, o 4096, down 14336) and f32 instead of bf16 `x A^T` (7 x 16 wide), less
@@ -221,10 +233,9 @@ mod tests {
         let dropout = estimate(&c, TrainShape { dropout: true, checkpointing: false, ..shape });
         let extra = 33.0 * 2048.0 * (2.0 * inputs - projection_inputs) * 2.0;
         assert!((dropout.activations - full.activations - extra).abs() < 1.0);
-        // Fused attention keeps no score-sized tensor: 33 layers' worth become one layer's per-head key
-        // and value gradients (2 x 2048 tokens x 32 heads x 128, f32).
+        // Fused attention (the CPU's) keeps no statistics, and its backward holds one layer's per-head
+        // key and value gradients (2 x 2048 tokens x 32 heads x 128, f32) instead.
         let fused = estimate(&c, TrainShape { fused_attention: true, checkpointing: false, ..shape });
-        let scores = 32.0 * 2048f64.powi(2) * 4.0;
         let head_grads = 2.0 * 2048.0 * 32.0 * 128.0 * 4.0;
         // And SwiGLU as one operation keeps gate, up and product, not also the sigmoid and SiLU
         // (2 x 2048 tokens x 14336, bf16).
@@ -233,8 +244,7 @@ mod tests {
         // (2 x 2048 tokens x 4096, bf16).
         let norms = 33.0 * 2.0 * 2048.0 * 4096.0 * 2.0;
         assert!(
-            (full.activations - fused.activations - (33.0 * 2.0 * scores - head_grads + swiglu + norms))
-                .abs()
+            (full.activations - fused.activations - (stats + blockwise - head_grads + swiglu + norms)).abs()
                 < 1.0
         );
         // Where the adapter is recorded with its projection (the CPU), only the mask's bits.

@@ -13,7 +13,7 @@ use retort_hf::{LayerAttention, ModelConfig};
 use crate::attention::{Attention, LayerCache};
 use crate::batch::Batch;
 use crate::linear::Linear;
-use crate::mask::MaskSpec;
+use crate::mask::{Mask, MaskSpec};
 use crate::mlp::Mlp;
 use crate::norm::RmsNorm;
 use crate::rope::Rope;
@@ -45,7 +45,7 @@ impl Layer {
         x: Tensor<3>,
         cos: &Tensor<4>,
         sin: &Tensor<4>,
-        mask: &Tensor<5>,
+        mask: &Mask,
         cache: Option<&mut Option<LayerCache>>,
         train: bool,
     ) -> Tensor<3> {
@@ -119,7 +119,7 @@ pub struct LayerInputs {
     cos: Tensor<4>,
     sin: Tensor<4>,
     local: Option<(Tensor<4>, Tensor<4>)>,
-    masks: HashMap<Option<usize>, Tensor<5>>,
+    masks: HashMap<Option<usize>, Mask>,
 }
 
 impl Transformer {
