@@ -107,10 +107,11 @@ impl Grouped<'_> {
     }
 }
 
-/// Attention of q `[b, heads, s, d]` over k and v `[b, kv_heads, t, d]` under `mask`: the output `[b, heads, s, d]` (q's dtype) and, per query row,
-/// the f32 maximum of its masked scores and the sum of their exponentials after subtracting it,
-/// `[b, kv_heads, rep, s, 2]`. (Not their log-sum-exp: for a query that sees no key every score is
-/// `f32::MIN` and the maximum absorbs `log(sum)`.) No autodiff: see [`recorded`] for training.
+/// Attention of q `[b, heads, s, d]` over k and v `[b, kv_heads, t, d]` under `mask`: the output
+/// `[b, heads, s, d]` (q's dtype) and, per query row, the f32 maximum of its masked scores and the sum
+/// of their exponentials after subtracting it, `[b, kv_heads, rep, s, 2]`. (Not their log-sum-exp: for
+/// a query that sees no key every score is `f32::MIN` and the maximum absorbs `log(sum)`.) Not
+/// recorded by autodiff: see [`recorded`] for training.
 pub fn forward(
     q: &Tensor<4>,
     k: &Tensor<4>,
@@ -125,7 +126,7 @@ pub fn forward(
     let (mut outs, mut stats) = (Vec::new(), Vec::new());
     for blk in blocks(&mask.spans, b, h, s, t, p.chunk_bytes) {
         let (scores, _) = g.scores(blk, p);
-        // burn's softmax, with the log-sum-exp kept.
+        // burn's softmax, its maximum and sum kept.
         let max = scores.clone().max_dim(4);
         let e = (scores - max.clone()).exp();
         let sum = e.clone().sum_dim(4);
@@ -197,8 +198,8 @@ pub fn backward(
 }
 
 /// Attention under autodiff as one recorded operation whose backward is [`backward`] (see the module
-/// documentation); the mask is a constant. `None` without autodiff (nothing is kept then: the
-/// decomposed form is as lean) or on a backend this is not built for.
+/// documentation); the mask is a constant. `None` without autodiff (call [`forward`]) or on a backend
+/// this is not built for.
 pub fn recorded(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, mask: &Mask, p: Blockwise) -> Option<Tensor<4>> {
     if !q.is_autodiff() {
         return None;

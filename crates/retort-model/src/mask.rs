@@ -62,9 +62,8 @@ impl MaskSpec {
         }
         // A query no key is visible to (padding) softmaxes over every key, as the full mask gives it.
         let spans = spans.into_iter().map(|s| s.unwrap_or((0, k))).collect();
-        let ints = |v: Vec<i64>, cols: usize| {
-            Tensor::<2, Int>::from_data(TensorData::new(v, [b, cols]), (device, DType::I64))
-        };
+        let ints =
+            |v: Vec<i64>, cols: usize| Tensor::<2, Int>::from_data(TensorData::new(v, [b, cols]), device);
         let code_q: Vec<i64> =
             (0..b).flat_map(|r| (offset..k).map(move |qk| i64::from(self.segments[r * k + qk]))).collect();
         let code_k: Vec<i64> =
