@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds what scripts/gpu_check.sh runs, for a GPU machine that has no Rust toolchain: the two parity
-# test executables and the bench_train and bench_nf4 examples, release, with
+# test executables and the bench_train, bench_nf4 and bench_attention examples, release, with
 # `--features retort-model/vulkan`, stripped and xz-compressed (about 17 MB each instead of 745 MB)
 # into OUT_DIR (default .devbin, which git ignores only if you add it to .git/info/exclude). On the GPU
 # machine, with the repository at the same path as here (the parity suites read their fixtures from
@@ -17,7 +17,7 @@ OUT_DIR=${1:-.devbin}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/vulkan}
 FEATURES=(--features retort-model/vulkan)
 cargo build --release --locked -p retort-train --example bench_train "${FEATURES[@]}"
-cargo build --release --locked -p retort-model --example bench_nf4 "${FEATURES[@]}"
+cargo build --release --locked -p retort-model --example bench_nf4 --example bench_attention "${FEATURES[@]}"
 # The test executables' paths are in cargo's JSON messages; one per package here.
 mapfile -t TESTS < <(cargo test --release --locked --no-run -p retort-model -p retort-train "${FEATURES[@]}" \
     --test parity --message-format json 2>/dev/null |
@@ -34,6 +34,7 @@ pack() { # NAME PATH
 }
 pack bench_train "$CARGO_TARGET_DIR/release/examples/bench_train"
 pack bench_nf4 "$CARGO_TARGET_DIR/release/examples/bench_nf4"
+pack bench_attention "$CARGO_TARGET_DIR/release/examples/bench_attention"
 for t in "${TESTS[@]}"; do
     pack "parity-${t%% *}" "${t#* }"
 done

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything to run on a machine with a GPU, in one go: the model and LoRA parity suites on the GPU
 # (RETORT_TEST_DEVICE, default wgpu: Vulkan with the SPIR-V compiler), retort's GPU kernels against
-# burn's tensor operations (bench_nf4: NF4 dequantization of Llama-3.1-8B's projections, bf16), then
-# scripts/bench_gpu.sh.
+# burn's tensor operations (bench_nf4: NF4 dequantization of Llama-3.1-8B's projections, bf16), the
+# blockwise training attention against the decomposed form (bench_attention: Llama-3.2-1B's heads,
+# bf16, 1k to 16k tokens, time and the device memory autodiff keeps), then scripts/bench_gpu.sh.
 #
 #   scripts/gpu_check.sh
 #
@@ -11,9 +12,10 @@
 # or a link to it):
 #   cargo test --release --no-run -p retort-model -p retort-train --features retort-model/vulkan --test parity
 #   cargo build --release -p retort-train --example bench_train --features retort-model/vulkan
-#   cargo build --release -p retort-model --example bench_nf4 --features retort-model/vulkan
-# and pass PARITY_BINS="path/to/parity-A path/to/parity-B", BENCH_TRAIN=path/to/bench_train and
-# BENCH_NF4=path/to/bench_nf4; or
+#   cargo build --release -p retort-model --example bench_nf4 --example bench_attention \
+#       --features retort-model/vulkan
+# and pass PARITY_BINS="path/to/parity-A path/to/parity-B", BENCH_TRAIN=path/to/bench_train,
+# BENCH_NF4=path/to/bench_nf4 and BENCH_ATTENTION=path/to/bench_attention; or
 # pack them with scripts/gpu_bundle.sh and pass BUNDLE=its output folder.
 # SKIP_TESTS=1 or SKIP_BENCH=1 leaves one part out; TEST_TIMEOUT=seconds bounds each prebuilt suite.
 set -uo pipefail
@@ -28,6 +30,7 @@ if [ -n "${BUNDLE:-}" ]; then
     done
     BENCH_TRAIN=$unpacked/bench_train
     BENCH_NF4=$unpacked/bench_nf4
+    BENCH_ATTENTION=$unpacked/bench_attention
     PARITY_BINS=$(ls "$unpacked"/parity-*)
     export BENCH_TRAIN
 fi
@@ -49,6 +52,12 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     else
         cargo run --release --locked -p retort-model --features vulkan --example bench_nf4 -- \
             "$RETORT_TEST_DEVICE:0" bf16 20 || status=1
+    fi
+    if [ -n "${BENCH_ATTENTION:-}" ]; then
+        "$BENCH_ATTENTION" "$RETORT_TEST_DEVICE:0" bf16 1024 4096 16384 || status=1
+    else
+        cargo run --release --locked -p retort-model --features vulkan --example bench_attention -- \
+            "$RETORT_TEST_DEVICE:0" bf16 1024 4096 16384 || status=1
     fi
     scripts/bench_gpu.sh || status=1
 fi
