@@ -128,14 +128,13 @@ impl Attention {
             *slot = Some(LayerCache { k: k.clone(), v: v.clone() });
         }
         let t = k.dims()[2];
-        if q.dtype() == DType::F32 && crate::device::is_cpu(&q.device()) {
-            let mask4 = mask.values().reshape([b, 1, s, t]);
-            if let Some(out) = crate::attention_grad::fused(&q, &k, &v, &mask4, self.scale, self.softcap) {
-                // One pass per head over a cache-sized score buffer instead of a dozen passes over
-                // `[b, heads, s, t]` tensors; recorded as one operation under autodiff (`attention_grad`).
-                let out = nan_through(out, &q, &k).swap_dims(1, 2).reshape([b, s, h * d]);
-                return self.o.forward(out, train);
-            }
+        // The whole mask is built only if the CPU's kernel takes these tensors.
+        let mask4 = || mask.values().reshape([b, 1, s, t]);
+        if let Some(out) = crate::attention_grad::fused(&q, &k, &v, mask4, self.scale, self.softcap) {
+            // One pass per head over a cache-sized score buffer instead of a dozen passes over
+            // `[b, heads, s, t]` tensors; recorded as one operation under autodiff (`attention_grad`).
+            let out = nan_through(out, &q, &k).swap_dims(1, 2).reshape([b, s, h * d]);
+            return self.o.forward(out, train);
         }
         // Elsewhere (GPUs; 16-bit bases on the CPU): blocks of query rows that skip the keys the mask
         // hides, recorded under autodiff as one operation that keeps no score-sized tensor for the

@@ -80,24 +80,27 @@ fn run(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, mask: &FlexTensor, scores
 }
 
 /// `softmax(scale q k^T (soft-capped) + mask) v` for `q` `[b, h, s, d]`, `k`/`v` `[b, kv_heads, t, d]`
-/// and `mask` `[b, 1, s, t]` by [`cpu_attention`]: as it is without autodiff, recorded as one
-/// operation with its backward under autodiff. `None` unless the tensors are f32 on the CPU; the
-/// caller then computes the decomposed form (other backends keep it until their fused kernels are
-/// measured on a GPU).
+/// and `mask` `[b, 1, s, t]` (asked for only once the other tensors qualify) by [`cpu_attention`]: as
+/// it is without autodiff, recorded as one operation with its backward under autodiff. `None` unless
+/// the tensors are f32 on the CPU; the caller then takes the blockwise form ([`crate::attention_mem`]).
 pub fn fused(
     q: &Tensor<4>,
     k: &Tensor<4>,
     v: &Tensor<4>,
-    mask: &Tensor<4>,
+    mask: impl FnOnce() -> Tensor<4>,
     scale: f64,
     softcap: Option<f64>,
 ) -> Option<Tensor<4>> {
-    let f32s = [q, k, v, mask].iter().all(|t| t.dtype() == DType::F32);
+    let f32s = [q, k, v].iter().all(|t| t.dtype() == DType::F32);
     if !f32s || !crate::device::is_cpu(&q.device()) {
         return None;
     }
+    let mask = mask();
+    if mask.dtype() != DType::F32 {
+        return None;
+    }
     let scores = Scores { scale: scale as f32, softcap: softcap.map(|c| c as f32) };
-    let mp = crate::recorded::untracked(mask)?;
+    let mp = crate::recorded::untracked(&mask)?;
     if !q.is_autodiff() {
         let (qp, kp, vp) = (
             q.clone().try_into_primitive::<Flex>().ok()?,
@@ -178,7 +181,7 @@ mod tests {
                 let (q, k, v) =
                     (q0.clone().require_grad(), k0.clone().require_grad(), v0.clone().require_grad());
                 let out = if ours {
-                    fused(&q, &k, &v, &mask, 0.35, cap).expect("f32 autodiff CPU tensors qualify")
+                    fused(&q, &k, &v, || mask.clone(), 0.35, cap).expect("f32 autodiff CPU tensors qualify")
                 } else {
                     decomposed(q.clone(), k.clone(), v.clone(), mask.clone(), 0.35, cap)
                 };
@@ -206,6 +209,6 @@ mod tests {
         let x = Tensor::<4>::zeros([1, 2, 3, 4], &device).cast(DType::F16);
         let kv = x.clone().narrow(1, 0, 1);
         let mask = Tensor::<4>::zeros([1, 1, 3, 3], &device);
-        assert!(fused(&x, &kv, &kv, &mask, 1.0, None).is_none());
+        assert!(fused(&x, &kv, &kv, || mask.clone(), 1.0, None).is_none());
     }
 }

@@ -277,8 +277,14 @@ macro_rules! recorder {
                     Tensor::<4>::from_primitive::<Plain>(kp),
                     Tensor::<4>::from_primitive::<Plain>(vp),
                 );
-                // The mask is a constant: its segment codes again, on the plain device.
-                let mask = mask.to_device(&q.device());
+                // The mask is a constant: its segment codes as the plain backend's tensors.
+                let mask = mask.map_codes(|c| {
+                    let p = match c.clone().try_into_primitive::<Ad>() {
+                        Ok(p) => p,
+                        Err(_) => c.clone().try_into_primitive::<Plain>().ok()?,
+                    };
+                    Some(Tensor::from_primitive::<Plain>(p))
+                })?;
                 let (out, stats) = forward(&q, &k, &v, &mask, p);
                 let out_p = out.clone().try_into_primitive::<Plain>().ok()?;
                 let recorded = match BlockwiseBackward

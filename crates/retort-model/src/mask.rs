@@ -128,9 +128,19 @@ impl Mask {
         self.values.get_or_init(|| self.spec.values(self.window, &self.code_q.device())).clone()
     }
 
-    /// The same mask on another device (a backend's plain device, for an operation's backward).
-    pub fn to_device(&self, device: &Device) -> Mask {
-        self.spec.build(self.window, device)
+    /// The same mask with its segment codes passed through `f` (to a backend's plain device, for an
+    /// operation's backward, without scanning the batch again); `None` when `f` declines. The whole
+    /// additive tensor, if built, is not carried over.
+    pub(crate) fn map_codes(&self, f: impl Fn(&Tensor<2, Int>) -> Option<Tensor<2, Int>>) -> Option<Mask> {
+        Some(Mask {
+            spans: self.spans.clone(),
+            code_q: f(&self.code_q)?,
+            code_k: f(&self.code_k)?,
+            offset: self.offset,
+            window: self.window,
+            spec: Arc::clone(&self.spec),
+            values: OnceCell::new(),
+        })
     }
 
     /// The additive mask of queries `q0 .. q0 + n` over keys `k0 .. k1`, `[batch, 1, 1, n, k1 - k0]`:
