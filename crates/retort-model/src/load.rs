@@ -258,6 +258,7 @@ impl Transformer {
             lm_head,
             config: c.clone(),
             checkpoint_layers: false,
+            mlp_chunk_bytes: crate::model::MLP_CHUNK_BYTES,
         })
     }
 }

@@ -5,6 +5,7 @@
 //! `modeling_qwen3.py`, `modeling_phi3.py`, `modeling_gemma2.py` and `modeling_gemma3.py` (v5.23).
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use burn::module::{Module, Param};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
@@ -40,7 +41,8 @@ pub struct Layer {
 }
 
 impl Layer {
-    fn forward(
+    /// The attention half of the layer, `x + post_norm(attention(norm(x)))`.
+    fn attn_half(
         &self,
         x: Tensor<3>,
         cos: &Tensor<4>,
@@ -53,12 +55,77 @@ impl Layer {
         if let Some(n) = &self.post_attn_norm {
             h = n.forward(h);
         }
-        let x = x + h;
+        x + h
+    }
+
+    /// The MLP half of the layer, `x + post_norm(mlp(norm(x)))`: position-wise, so any split of the
+    /// positions gives the same values.
+    fn mlp_half(&self, x: Tensor<3>, train: bool) -> Tensor<3> {
         let mut h = self.mlp.forward(self.ffn_norm.forward(x.clone()), train);
         if let Some(n) = &self.post_ffn_norm {
             h = n.forward(h);
         }
         x + h
+    }
+
+    /// [`Layer::mlp_half`] over `[rows, len, hidden]`, the flattened positions split into `chunks`.
+    fn mlp_half_chunked(&self, x: Tensor<3>, chunks: &[Range<usize>], train: bool) -> Tensor<3> {
+        if chunks.len() <= 1 {
+            return self.mlp_half(x, train);
+        }
+        let [b, s, h] = x.dims();
+        let flat = x.reshape([1, b * s, h]);
+        let parts = chunks.iter().map(|r| self.mlp_half(flat.clone().narrow(1, r.start, r.len()), train));
+        Tensor::cat(parts.collect(), 1).reshape([b, s, h])
+    }
+}
+
+/// How many bytes of one `[positions, intermediate]` tensor of the MLP a layer computes at once
+/// ([`mlp_chunks`]). The MLP's intermediate tensors are the widest of a layer: 2.2 GB each for 78k
+/// tokens of an 8B model in bf16, four or five of them kept for the backward. Split into chunks of
+/// positions, the forward holds one chunk's, and training's recomputation
+/// (`Transformer::checkpoint_layers`) differentiates a chunk at a time. 4 x 2048 tokens of that
+/// model (224 MiB) run whole, as do all CPU shapes of the benchmarks.
+pub const MLP_CHUNK_BYTES: usize = 256 << 20;
+
+/// The ranges of `tokens` flattened positions an MLP of width `intermediate` in `dtype_bytes` runs
+/// at once: one range when its `[tokens, intermediate]` tensor is at most `chunk_bytes`, else
+/// near-equal ranges, rounded up to a multiple of 64 positions where they are longer than that (so
+/// that GPU kernels see few distinct shapes), the last shorter.
+pub fn mlp_chunks(
+    tokens: usize,
+    intermediate: usize,
+    dtype_bytes: usize,
+    chunk_bytes: usize,
+) -> Vec<Range<usize>> {
+    let bytes = tokens * intermediate.max(1) * dtype_bytes;
+    if bytes <= chunk_bytes || tokens <= 1 {
+        return std::iter::once(0..tokens).collect();
+    }
+    let per = tokens.div_ceil(bytes.div_ceil(chunk_bytes.max(1)));
+    let per = if per > 64 { per.div_ceil(64) * 64 } else { per };
+    (0..tokens).step_by(per).map(|start| start..(start + per).min(tokens)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mlp_chunks_cover_the_positions_within_the_budget() {
+        // 8B in bf16: 4 x 2048 tokens run whole; 78k tokens in chunks of a multiple of 64 positions.
+        // One chunk covering `tokens` positions (clippy will not have a one-range literal).
+        let whole =
+            |c: Vec<Range<usize>>, tokens: usize| c.len() == 1 && c[0].start == 0 && c[0].end == tokens;
+        assert!(whole(mlp_chunks(8192, 14336, 2, MLP_CHUNK_BYTES), 8192));
+        let c = mlp_chunks(78_000, 14336, 2, MLP_CHUNK_BYTES);
+        assert_eq!(c.len(), 9);
+        assert!(c[..8].iter().all(|r| r.len() == 8704 && r.len() * 14336 * 2 <= MLP_CHUNK_BYTES));
+        assert_eq!(c[8], 69_632..78_000);
+        // Short chunks are not rounded up; every position lies in exactly one chunk.
+        let c = mlp_chunks(28, 10, 4, 10 * 10 * 4);
+        assert_eq!(c, vec![0..10, 10..20, 20..28]);
+        assert!(whole(mlp_chunks(1, 10, 4, 1), 1));
     }
 }
 
@@ -111,6 +178,10 @@ pub struct Transformer {
     /// activations (transformers' gradient checkpointing, one layer at a time); read by retort-train.
     #[module(skip)]
     pub checkpoint_layers: bool,
+    /// Bytes of one MLP intermediate tensor computed at once ([`MLP_CHUNK_BYTES`] by default; see
+    /// [`mlp_chunks`]).
+    #[module(skip)]
+    pub mlp_chunk_bytes: usize,
 }
 
 /// Rotary tables and attention masks that every layer of one pass over a batch shares.
@@ -210,7 +281,8 @@ impl Transformer {
         self.layer_inputs(batch, &spec)
     }
 
-    fn run_layer(
+    /// Attention half of layer `i` (see [`Layer::attn_half`]) with the pass's rotary tables and mask.
+    fn attention_half(
         &self,
         i: usize,
         x: Tensor<3>,
@@ -224,12 +296,43 @@ impl Transformer {
             (Some((lc, ls)), true) => (lc, ls),
             _ => (&inputs.cos, &inputs.sin),
         };
-        layer.forward(x, c, s, mask, cache, train)
+        layer.attn_half(x, c, s, mask, cache, train)
+    }
+
+    fn run_layer(
+        &self,
+        i: usize,
+        x: Tensor<3>,
+        inputs: &LayerInputs,
+        cache: Option<&mut Option<LayerCache>>,
+        train: bool,
+    ) -> Tensor<3> {
+        let [b, len, _] = x.dims();
+        let x = self.attention_half(i, x, inputs, cache, train);
+        self.layers[i].mlp_half_chunked(x, &self.mlp_chunks(b * len), train)
     }
 
     /// Layer `i` of a training pass (adapter dropout on) over hidden states `[rows, len, hidden]`.
     pub fn layer_train(&self, i: usize, x: Tensor<3>, inputs: &LayerInputs) -> Tensor<3> {
         self.run_layer(i, x, inputs, None, true)
+    }
+
+    /// The attention half of layer `i` of a training pass: [`Transformer::layer_train`] is this, then
+    /// [`Transformer::layer_mlp_train`] over each of [`Transformer::mlp_chunks`] of its positions.
+    pub fn layer_attention_train(&self, i: usize, x: Tensor<3>, inputs: &LayerInputs) -> Tensor<3> {
+        self.attention_half(i, x, inputs, None, true)
+    }
+
+    /// The MLP half of layer `i` of a training pass over hidden states `[rows, len, hidden]`, whole
+    /// (the caller splits the positions).
+    pub fn layer_mlp_train(&self, i: usize, x: Tensor<3>) -> Tensor<3> {
+        self.layers[i].mlp_half(x, true)
+    }
+
+    /// The ranges of a pass's `tokens` (flattened) positions that each layer's MLP runs at once.
+    pub fn mlp_chunks(&self, tokens: usize) -> Vec<Range<usize>> {
+        let c = &self.config;
+        mlp_chunks(tokens, c.intermediate_size, self.dtype().size(), self.mlp_chunk_bytes)
     }
 
     /// The final norm, applied to the last layer's output.

@@ -59,7 +59,7 @@ impl Transformer {
 
     /// Rebuilds every adaptable projection through `f` (same order as [`Transformer::visit_linears`]).
     pub fn map_linears(self, f: &mut dyn FnMut(&LinearSite, Linear) -> Linear) -> Transformer {
-        let Transformer { embed, layers, norm, lm_head, config, checkpoint_layers } = self;
+        let Transformer { embed, layers, norm, lm_head, config, checkpoint_layers, mlp_chunk_bytes } = self;
         let layers = layers
             .into_iter()
             .enumerate()
@@ -86,7 +86,7 @@ impl Transformer {
                 l
             })
             .collect();
-        Transformer { embed, layers, norm, lm_head, config, checkpoint_layers }
+        Transformer { embed, layers, norm, lm_head, config, checkpoint_layers, mlp_chunk_bytes }
     }
 }
 

@@ -163,7 +163,9 @@ fn collect(model: &Transformer, g: &Gradients, grads: &mut BTreeMap<String, Tens
 /// input; the loss head runs on the last layer's output and gives its gradient `g`; then, from the
 /// last layer down, the layer runs again from its saved input under autodiff and `sum(y * g)` is
 /// differentiated, which yields that layer's adapter gradients and the gradient of its input, the
-/// next `g`. Peak memory is every layer's input plus one layer's graph. Dropout masks are drawn from a
+/// next `g`. Peak memory is every layer's input plus one layer's graph; where the layer's MLP runs in
+/// chunks of positions ([`Transformer::mlp_chunks`]: long sequences), its attention half's graph plus
+/// one chunk's MLP graph. Dropout masks are drawn from a
 /// seed per layer, so both passes of a layer draw the same ones. Returns the micro-batch's loss, or
 /// `None` when it has no label tokens.
 fn layer_by_layer(
@@ -194,18 +196,50 @@ fn layer_by_layer(
         head_in_chunks(model, x, true, &mb.labels, (total, scale), head_chunk_bytes, grads)?;
 
     let inputs = model.train_inputs(&mb.batch);
+    let chunks = model.mlp_chunks(mb.batch.rows * mb.batch.len);
     for i in (0..layers).rev() {
         let input = onto_graph(model, saved.pop()?).require_grad();
-        let y = {
-            let _rng = DROPOUT_RNG.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            device.seed(layer_seed(i));
-            model.layer_train(i, input.clone(), &inputs)
+        // The layer's draws must repeat the forward's, in its order: attention, then the MLP's chunks.
+        let _rng = DROPOUT_RNG.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        device.seed(layer_seed(i));
+        let g = if chunks.len() <= 1 {
+            let y = model.layer_train(i, input.clone(), &inputs);
+            (y * onto_graph(model, upstream)).sum().backward()
+        } else {
+            // The attention half's graph stays while the MLP's chunks are differentiated one by one.
+            let h = model.layer_attention_train(i, input.clone(), &inputs);
+            let gh = mlp_backward_in_chunks(model, i, h.clone().inner(), upstream, &chunks, grads)?;
+            (h * onto_graph(model, gh)).sum().backward()
         };
-        let g = (y * onto_graph(model, upstream)).sum().backward();
         collect(model, &g, grads);
         upstream = input.grad(&g)?.inner();
     }
     Some(value)
+}
+
+/// The MLP half of layer `i` over the attention half's output `h` (inner backend), a chunk of
+/// positions at a time, each chunk differentiated on its own against its rows of `upstream` (the
+/// gradient of the layer's output): only one chunk's MLP graph exists at once. Adds the MLP's adapter
+/// gradients to `grads`; returns the gradient with respect to `h`.
+fn mlp_backward_in_chunks(
+    model: &Transformer,
+    i: usize,
+    h: Tensor<3>,
+    upstream: Tensor<3>,
+    chunks: &[std::ops::Range<usize>],
+    grads: &mut BTreeMap<String, Tensor<1>>,
+) -> Option<Tensor<3>> {
+    let [b, s, d] = h.dims();
+    let (h, upstream) = (h.reshape([1, b * s, d]), upstream.reshape([1, b * s, d]));
+    let mut parts = Vec::with_capacity(chunks.len());
+    for r in chunks {
+        let hc = onto_graph(model, h.clone().narrow(1, r.start, r.len())).require_grad();
+        let y = model.layer_mlp_train(i, hc.clone());
+        let g = (y * onto_graph(model, upstream.clone().narrow(1, r.start, r.len()))).sum().backward();
+        collect(model, &g, grads);
+        parts.push(hc.grad(&g)?.inner());
+    }
+    Some(Tensor::cat(parts, 1).reshape([b, s, d]))
 }
 
 /// A tensor of the inner backend back on the model's autodiff device, untracked, with the model's
