@@ -13,7 +13,9 @@
 # in bf16 (lora) or NF4 with double quantization and bf16 compute (qlora), adapters and optimizer state
 # in f32 on both sides. The adapters' matmuls run in bf16 on both sides (retort's `train.autocast`, on by
 # default on GPUs; `torch.autocast` for PEFT, as HF Trainer's `bf16=True` does); AUTOCAST=0 runs them in
-# f32 on both sides instead. WARMUP untimed steps (default 2: the first one compiles and autotunes kernels),
+# f32 on both sides instead. OFFLOAD=1 keeps retort's checkpointed layer inputs in host memory
+# (`train.offload_checkpoints`; for long SEQ, e.g. ROWS=1 SEQ=78475 SHAPES=8b MODES=qlora against
+# Unsloth's 24 GB figure). WARMUP untimed steps (default 2: the first one compiles and autotunes kernels),
 # then STEPS timed steps (default 3).
 #
 # Printed per row: tokens/s; peak device memory as nvidia-smi saw it for the process (sampled every
@@ -116,6 +118,9 @@ retort_row() { # NAME ARGS...
 CK=()
 [ "$CHECKPOINTING" = 1 ] && CK=(--checkpointing)
 [ "$AUTOCAST" = 1 ] && CK+=(--autocast)
+# retort's side only: PyTorch + PEFT has no offloaded checkpointing (Unsloth's addition).
+RETORT_ONLY=()
+[ "$CHECKPOINTING" = 1 ] && [ "${OFFLOAD:-0}" = 1 ] && RETORT_ONLY=(--offload)
 for shape in $SHAPES; do
     if [ -e "$WORK/$shape/batch.json" ]; then
         echo "== $shape: model and batch kept in $WORK/$shape"
@@ -129,7 +134,7 @@ for shape in $SHAPES; do
         [ "$mode" = qlora ] && NF4=(--nf4)
         echo "== $shape $mode: retort on $RETORT_DEVICE"
         R=$(retort_row "$shape-$mode" "$BENCH_TRAIN" "$WORK/$shape/model" "$WORK/$shape/batch.json" "$WARMUP" "$STEPS" \
-            --device "$RETORT_DEVICE" --precision bf16 --no-probe "${CK[@]}" "${NF4[@]}")
+            --device "$RETORT_DEVICE" --precision bf16 --no-probe "${CK[@]}" "${NF4[@]}" "${RETORT_ONLY[@]}")
         echo "$R"
         echo "== $shape $mode: PyTorch + PEFT on $PEFT_DEVICE"
         if [ "${SKIP_PEFT:-0}" = 1 ]; then

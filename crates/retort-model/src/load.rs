@@ -259,6 +259,7 @@ impl Transformer {
             config: c.clone(),
             checkpoint_layers: false,
             mlp_chunk_bytes: crate::model::MLP_CHUNK_BYTES,
+            offload_checkpoints: false,
         })
     }
 }

@@ -60,6 +60,9 @@ pub struct TrainShape {
     pub nf4: bool,
     /// Activation checkpointing (keep only each layer's input).
     pub checkpointing: bool,
+    /// With checkpointing, the layer inputs wait in host memory (`Transformer::offload_checkpoints`):
+    /// the device holds one at a time.
+    pub offload: bool,
     /// Bytes per value of the base weights and activations: 4 for f32 (the CPU), 2 for bf16/f16.
     pub dtype_bytes: usize,
     /// Attention recorded as one operation (`attention_grad`: f32 on the CPU), which keeps no
@@ -68,6 +71,9 @@ pub struct TrainShape {
     pub fused_attention: bool,
     /// Bytes of f32 logits computed at once ([`head_chunk_bytes`] of the device).
     pub head_chunk_bytes: usize,
+    /// Bytes of one MLP intermediate tensor computed at once (`Transformer::mlp_chunk_bytes`,
+    /// [`MLP_CHUNK_BYTES`] unless changed).
+    pub mlp_chunk_bytes: usize,
     /// Training on the CPU, where the peak is the process's resident memory, its own included.
     pub cpu: bool,
     /// LoRA dropout is on: each adapter keeps its own dropout mask and masked input for the backward.
@@ -150,9 +156,26 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
         + tokens * adapters_per_layer * s.rank as f64 * adapter_b
         + inputs_instead;
     // Plus, during the backward pass, one layer's worth of gradients of those tensors (and, with
-    // checkpointing, the one layer recomputed at a time).
+    // checkpointing, the one layer recomputed at a time). Where the MLP runs in chunks of positions
+    // (`model::mlp_chunks`), checkpointing differentiates one chunk's MLP at a time while the
+    // attention half's graph waits, then the attention half with the MLP's gradient (`tokens x h`)
+    // beside it; the MLP's share of a layer is taken as its share of the 16-bit tensors kept.
+    let chunk =
+        crate::model::mlp_chunks(s.batch * s.seq, c.intermediate_size, s.dtype_bytes, s.mlp_chunk_bytes)
+            .first()
+            .map_or(0, |r| r.len()) as f64;
+    let recomputed = if chunk < tokens {
+        let mlp_share =
+            (norm_kept / 2.0 * h + mlp_kept * ff) / (norm_kept * h + 2.0 * q + 2.0 * kv + mlp_kept * ff);
+        let attention = per_layer * (1.0 - mlp_share);
+        let mlp_chunk = per_layer * mlp_share * chunk / tokens;
+        (attention + 2.0 * mlp_chunk).max(2.0 * attention) + tokens * h * b
+    } else {
+        2.0 * per_layer
+    };
+    let saved_inputs = if s.offload { 1.0 } else { c.num_layers as f64 };
     let activations = if s.checkpointing {
-        c.num_layers as f64 * tokens * h * b + 2.0 * per_layer
+        saved_inputs * tokens * h * b + recomputed
     } else {
         (c.num_layers + 1) as f64 * per_layer
     };
@@ -177,6 +200,7 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::MLP_CHUNK_BYTES;
 
     #[test]
     fn nf4_is_about_a_quarter_of_bf16_weights_and_checkpointing_saves_activations() {
@@ -192,9 +216,11 @@ mod tests {
             rank: 16,
             nf4: false,
             checkpointing: true,
+            offload: false,
             dtype_bytes: 2,
             fused_attention: false,
             head_chunk_bytes: GPU_HEAD_CHUNK_BYTES,
+            mlp_chunk_bytes: MLP_CHUNK_BYTES,
             cpu: false,
             dropout: false,
             autocast: true,
@@ -247,6 +273,22 @@ mod tests {
             (full.activations - fused.activations - (stats + blockwise - head_grads + swiglu + norms)).abs()
                 < 1.0
         );
+        // Offloaded checkpoints: one layer input on the device instead of 32.
+        let offloaded = estimate(&c, TrainShape { offload: true, ..shape });
+        let inputs32 = 31.0 * 2048.0 * 4096.0 * 2.0;
+        assert!((bf16.activations - offloaded.activations - inputs32).abs() < 1.0);
+        // Unsloth's long-context claim: 8B QLoRA, 78k tokens on 24 GB. The MLP then runs in 9 chunks of
+        // positions, so one layer's recomputation holds the attention half's graph and one chunk's
+        // MLP; with the layer inputs offloaded it fits. Kept on the device they alone are 20 GB.
+        let long = TrainShape { seq: 78_000, nf4: true, offload: true, ..shape };
+        let e = estimate(&c, long);
+        assert!(e.total() / 1e9 > 17.0 && e.total() / 1e9 < 19.0, "{e:?}");
+        let kept = estimate(&c, TrainShape { offload: false, ..long });
+        assert!(kept.total() > 24e9, "{kept:?}");
+        assert!((kept.activations - e.activations - 31.0 * 78_000.0 * 4096.0 * 2.0).abs() < 1.0);
+        // Without the chunks the layer's whole graph, twice over: 33 GB.
+        let per_layer = 78_000.0 * (6.0 * 4096.0 + 2.0 * 4096.0 + 2.0 * 1024.0 + 5.0 * 14336.0) * 2.0;
+        assert!(e.activations < 2.0 * per_layer / 2.5, "{} vs {}", e.activations, 2.0 * per_layer);
         // Where the adapter is recorded with its projection (the CPU), only the mask's bits.
         let fused_dropout =
             estimate(&c, TrainShape { dropout: true, fused_attention: true, checkpointing: false, ..shape });

@@ -182,6 +182,11 @@ pub struct Transformer {
     /// [`mlp_chunks`]).
     #[module(skip)]
     pub mlp_chunk_bytes: usize,
+    /// With `checkpoint_layers`, each layer's saved input waits in host memory instead of on the
+    /// device (Unsloth's offloaded gradient checkpointing): the device holds one of them at a time;
+    /// read by retort-train.
+    #[module(skip)]
+    pub offload_checkpoints: bool,
 }
 
 /// Rotary tables and attention masks that every layer of one pass over a batch shares.

@@ -59,7 +59,16 @@ impl Transformer {
 
     /// Rebuilds every adaptable projection through `f` (same order as [`Transformer::visit_linears`]).
     pub fn map_linears(self, f: &mut dyn FnMut(&LinearSite, Linear) -> Linear) -> Transformer {
-        let Transformer { embed, layers, norm, lm_head, config, checkpoint_layers, mlp_chunk_bytes } = self;
+        let Transformer {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            config,
+            checkpoint_layers,
+            mlp_chunk_bytes,
+            offload_checkpoints,
+        } = self;
         let layers = layers
             .into_iter()
             .enumerate()
@@ -86,7 +95,16 @@ impl Transformer {
                 l
             })
             .collect();
-        Transformer { embed, layers, norm, lm_head, config, checkpoint_layers, mlp_chunk_bytes }
+        Transformer {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            config,
+            checkpoint_layers,
+            mlp_chunk_bytes,
+            offload_checkpoints,
+        }
     }
 }
 

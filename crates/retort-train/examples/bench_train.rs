@@ -3,17 +3,19 @@
 //! `warmup` untimed and `steps` timed optimizer steps of one fixed batch. Prints one JSON object. Not a
 //! test: timings vary.
 //!
-//!   bench_train MODEL_DIR BATCH_JSON WARMUP STEPS [--profile] [--checkpointing]
+//!   bench_train MODEL_DIR BATCH_JSON WARMUP STEPS [--profile] [--checkpointing] [--offload]
 //!               [--device cpu|wgpu:N|cuda:N] [--precision f32|bf16|f16] [--nf4] [--autocast]
-//!               [--dropout P] [--no-probe]
+//!               [--dropout P] [--no-probe] [--mlp-chunk-mib N]
 //!
 //! `--profile` adds one more step taken apart: forward to the loss, backward (gradients minus forward),
-//! and clipping plus AdamW. `--checkpointing` recomputes each layer in the backward pass. `--device`
+//! and clipping plus AdamW. `--checkpointing` recomputes each layer in the backward pass; `--offload`
+//! then keeps the layer inputs in host memory (`train.offload_checkpoints`). `--device`
 //! defaults to the CPU and `--precision` (of the frozen base; adapters and optimizer state stay f32) to
 //! f32. `--nf4` quantizes the base's projections to NF4 with double quantization (QLoRA).
 //! `--dropout` sets LoRA dropout (default 0, as the PEFT peer runs).
 //! `--autocast` runs the adapters' products in the base's 16-bit dtype (`train.autocast`).
-//! `--no-probe` skips timing the plan's stand-in steps after the run.
+//! `--no-probe` skips timing the plan's stand-in steps after the run. `--mlp-chunk-mib N` runs each
+//! layer's MLP on chunks of positions of at most N MiB per intermediate tensor (default 256).
 
 #![allow(clippy::print_stdout, reason = "a benchmark reports on stdout")]
 #![allow(
@@ -73,6 +75,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (warmup, steps): (usize, usize) = (warmup.parse()?, steps.parse()?);
     let profile = rest.iter().any(|a| a == "--profile");
     let checkpointing = rest.iter().any(|a| a == "--checkpointing");
+    // As `train.offload_checkpoints`: only with checkpointing.
+    let offload = checkpointing && rest.iter().any(|a| a == "--offload");
     let nf4 = rest.iter().any(|a| a == "--nf4");
     let probe = !rest.iter().any(|a| a == "--no-probe");
     let value = |flag: &str| rest.iter().position(|a| a == flag).and_then(|i| rest.get(i + 1));
@@ -106,6 +110,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut model = retort_lora::attach(model, &spec, 0)?.with_lora_autocast(autocast);
     model.checkpoint_layers = checkpointing;
+    model.offload_checkpoints = offload;
+    // `--mlp-chunk-mib N`: the MLP's positions in chunks of N MiB per intermediate tensor.
+    if let Some(mib) = value("--mlp-chunk-mib") {
+        model.mlp_chunk_bytes = mib.parse::<usize>()? << 20;
+    }
+    let model_mlp_chunk_bytes = model.mlp_chunk_bytes;
     let load_s = t.elapsed().as_secs_f64();
     let rss_loaded = status_bytes("VmRSS:");
     let mb = micro_batch(Path::new(batch))?;
@@ -181,9 +191,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             rank: spec.r,
             nf4,
             checkpointing,
+            offload,
             dtype_bytes: precision.dtype().size(),
             fused_attention: !selected.gpu && precision == Precision::F32,
             head_chunk_bytes: retort_model::memory::head_chunk_bytes(&plain),
+            mlp_chunk_bytes: model_mlp_chunk_bytes,
             cpu: !selected.gpu,
             dropout: dropout > 0.0,
             autocast,
@@ -200,6 +212,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 seq: mb.batch.len,
                 accum: 1,
                 checkpointing,
+                offload,
                 nf4: nf4.then_some(true),
                 autocast,
             },

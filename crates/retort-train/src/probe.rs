@@ -43,6 +43,8 @@ pub struct ProbeShape {
     pub accum: usize,
     /// Activation checkpointing.
     pub checkpointing: bool,
+    /// Checkpointed layer inputs in host memory (`Transformer::offload_checkpoints`).
+    pub offload: bool,
     /// NF4 base projections (QLoRA), with the absmax double-quantized when set.
     pub nf4: Option<bool>,
     /// Adapter products in the base's dtype (`Lora::autocast`).
@@ -55,6 +57,7 @@ pub fn for_recipe(
     recipe: &retort_recipe::Recipe,
     config: &ModelConfig,
     checkpointing: bool,
+    offload: bool,
     autocast: bool,
     precision: Precision,
     device: &Device,
@@ -66,6 +69,7 @@ pub fn for_recipe(
         seq: crate::run::padded_max_len(t.max_seq_len as usize, !retort_model::device::is_cpu(device)),
         accum: t.grad_accum as usize,
         checkpointing,
+        offload,
         nf4: (recipe.base.quantize == retort_recipe::schema::project::Quantize::Nf4)
             .then_some(recipe.base.double_quant),
         autocast,
@@ -114,6 +118,7 @@ fn time_step(
     let model = stand_in(config, layers, shape.nf4, precision, device)?;
     let mut model = retort_lora::attach(model, lora, 0)?.with_lora_autocast(shape.autocast);
     model.checkpoint_layers = shape.checkpointing;
+    model.offload_checkpoints = shape.offload;
     let vocab = config.vocab_size as u64;
     let mut state = 0x2545_F491_4F6C_DD1Du64;
     let rows: Vec<Vec<u32>> = (0..shape.batch.max(1))
@@ -218,8 +223,15 @@ mod tests {
             targets: vec![Target::AllLinear],
             variant: Variant::Lora,
         };
-        let shape =
-            ProbeShape { batch: 2, seq: 16, accum: 3, checkpointing: true, nf4: Some(true), autocast: false };
+        let shape = ProbeShape {
+            batch: 2,
+            seq: 16,
+            accum: 3,
+            checkpointing: true,
+            offload: false,
+            nf4: Some(true),
+            autocast: false,
+        };
         let t = measure(&config, &lora, shape, Precision::F32, &device).unwrap();
         assert!(t.one_layer_s > 0.0 && t.per_layer_s > 0.0, "{t:?}");
         // The prediction is the one-layer step plus the other layers, for every micro-batch.

@@ -188,6 +188,9 @@ pub struct Plan {
     pub label_tokens_per_epoch: usize,
     /// Activation checkpointing.
     pub checkpointing: bool,
+    /// Checkpointed layer inputs kept in host memory (`train.offload_checkpoints`, on a GPU with
+    /// checkpointing).
+    pub offload_checkpoints: bool,
     /// Adapter products in the base's 16-bit dtype (`train.autocast`; false with an f32 base).
     pub autocast: bool,
     /// Peak memory estimate.
@@ -323,8 +326,16 @@ fn base_identity(dir: &Path) -> Result<String, TrainError> {
 
 /// Recipe keys that change what is trained (everything else, such as the device, checkpoint cadence or
 /// time limit, may change between a stop and a resume).
-const NOT_FINGERPRINTED: &[&str] =
-    &["device", "checkpointing", "eval_every", "save_every", "keep_last", "max_time", "max_bad_steps"];
+const NOT_FINGERPRINTED: &[&str] = &[
+    "device",
+    "checkpointing",
+    "offload_checkpoints",
+    "eval_every",
+    "save_every",
+    "keep_last",
+    "max_time",
+    "max_bad_steps",
+];
 
 fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
     if let serde_json::Value::Object(map) = v {
@@ -435,6 +446,7 @@ pub fn plan(
     let warmup_steps = LrSchedule::warmup_steps(total_steps, t.warmup_ratio, t.warmup_steps);
     let every = |explicit: Option<u64>| explicit.unwrap_or((total_steps / 10).max(1)).max(1);
     let checkpointing = checkpointing_on(recipe, gpu);
+    let offload_checkpoints = t.offload_checkpoints && checkpointing && gpu;
     let autocast = autocast_on(recipe, gpu, precision);
     let memory = retort_model::memory::estimate(
         config,
@@ -444,6 +456,7 @@ pub fn plan(
             rank: recipe.lora.r as usize,
             nf4: recipe.base.quantize == retort_recipe::schema::project::Quantize::Nf4,
             checkpointing,
+            offload: offload_checkpoints,
             dtype_bytes: precision.dtype().size(),
             // What `retort_model::attention_grad` records: f32 on the CPU.
             fused_attention: !gpu && precision.dtype() == retort_model::burn::tensor::DType::F32,
@@ -452,6 +465,7 @@ pub fn plan(
             } else {
                 retort_model::memory::HEAD_CHUNK_BYTES
             },
+            mlp_chunk_bytes: retort_model::model::MLP_CHUNK_BYTES,
             cpu: !gpu,
             dropout: recipe.lora.dropout > 0.0,
             autocast,
@@ -470,6 +484,7 @@ pub fn plan(
         tokens_per_epoch: tokens,
         label_tokens_per_epoch: data.train_report.pack.label_tokens,
         checkpointing,
+        offload_checkpoints,
         autocast,
         memory,
         // Forward 2 FLOPs per weight per token, backward 2 more for activation gradients (frozen
@@ -757,6 +772,7 @@ pub fn run(
     }
     // Activation checkpointing recomputes each layer in the backward pass (see `step`).
     model.checkpoint_layers = plan.checkpointing;
+    model.offload_checkpoints = plan.offload_checkpoints;
     model = model.with_lora_autocast(plan.autocast);
     let schedule = LrSchedule {
         lr: t.lr,

@@ -185,10 +185,14 @@ fn layer_by_layer(
     let mut x = frozen.embed_tokens(&mb.batch);
     let mut saved = Vec::with_capacity(layers);
     for i in 0..layers {
-        saved.push(x.clone());
-        let _rng = DROPOUT_RNG.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        device.seed(layer_seed(i));
-        x = frozen.layer_train(i, x, &plain_inputs);
+        let input = x.clone();
+        {
+            let _rng = DROPOUT_RNG.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            device.seed(layer_seed(i));
+            x = frozen.layer_train(i, x, &plain_inputs);
+        }
+        // Read back after the layer is queued, so that a GPU has the next work waiting.
+        saved.push(Saved::keep(input, model.offload_checkpoints));
     }
     drop(plain_inputs);
     // The loss head: final norm, LM head, cross-entropy.
@@ -198,7 +202,7 @@ fn layer_by_layer(
     let inputs = model.train_inputs(&mb.batch);
     let chunks = model.mlp_chunks(mb.batch.rows * mb.batch.len);
     for i in (0..layers).rev() {
-        let input = onto_graph(model, saved.pop()?).require_grad();
+        let input = onto_graph(model, saved.pop()?.restore(&frozen.device())).require_grad();
         // The layer's draws must repeat the forward's, in its order: attention, then the MLP's chunks.
         let _rng = DROPOUT_RNG.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         device.seed(layer_seed(i));
@@ -215,6 +219,30 @@ fn layer_by_layer(
         upstream = input.grad(&g)?.inner();
     }
     Some(value)
+}
+
+/// A layer input kept for the backward pass: on the device, or in host memory
+/// ([`Transformer::offload_checkpoints`]).
+enum Saved {
+    Device(Tensor<3>),
+    Host(TensorData),
+}
+
+impl Saved {
+    fn keep(x: Tensor<3>, offload: bool) -> Saved {
+        if offload { Saved::Host(x.into_data()) } else { Saved::Device(x) }
+    }
+
+    /// The tensor on `device` (the inner backend's), in the dtype it was saved in.
+    fn restore(self, device: &retort_model::burn::tensor::Device) -> Tensor<3> {
+        match self {
+            Saved::Device(x) => x,
+            Saved::Host(data) => {
+                let dtype = data.dtype();
+                Tensor::from_data(data, (device, dtype))
+            }
+        }
+    }
 }
 
 /// The MLP half of layer `i` over the attention half's output `h` (inner backend), a chunk of

@@ -259,7 +259,7 @@ fn the_lm_head_in_chunks_gives_the_gradients_of_one_pass() {
 }
 
 #[test]
-fn the_mlp_in_chunks_of_positions_gives_the_logits_and_gradients_of_one_pass() {
+fn the_mlp_in_chunks_and_offloaded_checkpoints_give_the_logits_and_gradients_of_one_pass() {
     // 4 rows of 10 tokens; a budget of 14 positions of the MLP's width splits the 40 flattened
     // positions into 14, 14 and 12, across row boundaries. Without checkpointing the chunks are
     // joined inside the graph; layer by layer each chunk's MLP is differentiated on its own.
@@ -286,6 +286,16 @@ fn the_mlp_in_chunks_of_positions_gives_the_logits_and_gradients_of_one_pass() {
         let (l1, _, g1) = retort_train::step::gradients(&whole, &mb, 0);
         let (l2, _, g2) = retort_train::step::gradients(&split, &mb, 0);
         assert!((l1 - l2).abs() <= 1e-6 * l1, "checkpointing {layers}: loss {l1} vs {l2}");
+        if layers {
+            // Layer inputs kept in host memory (here the CPU's own) come back bit for bit.
+            split.offload_checkpoints = true;
+            let (l3, _, g3) = retort_train::step::gradients(&split, &mb, 0);
+            assert_eq!(l2.to_bits(), l3.to_bits());
+            for (name, g) in &g2 {
+                let a = g.clone().into_data().try_to_vec::<f32>().unwrap();
+                assert_eq!(a, g3[name].clone().into_data().try_to_vec::<f32>().unwrap(), "offloaded: {name}");
+            }
+        }
         assert_eq!(g1.keys().collect::<Vec<_>>(), g2.keys().collect::<Vec<_>>());
         assert!(g1.keys().any(|k| k.contains("mlp.down_proj")));
         for (name, a) in &g1 {

@@ -372,17 +372,38 @@ fn an_f16_base_trains_with_loss_scaling_and_resumes_to_the_same_bits() {
     assert!(adapter_bytes(&whole) == adapter_bytes(&parts), "resumed adapter differs");
 }
 
+/// The run's plan for the project's recipe, as on a GPU or the CPU.
+fn planned(p: &Project, gpu: bool) -> retort_train::run::Plan {
+    let r = recipe(p);
+    let (tok, template, _) = retort_train::run::text_tools(&r, &p.base).unwrap();
+    let layout = retort_train::run::Layout::of(&r);
+    let data = retort_train::run::load_data(&r, &layout, &tok, &template).unwrap();
+    let config = retort_hf::ModelConfig::load(&p.base).unwrap();
+    retort_train::run::plan(&r, &data, &config, gpu, setup(p, false).precision)
+}
+
+#[test]
+fn offloaded_checkpoints_are_planned_on_gpus_with_checkpointing_and_change_no_result() {
+    let on = project("offload_checkpoints = true");
+    let (gpu, cpu) = (planned(&on, true), planned(&on, false));
+    assert!(gpu.offload_checkpoints && gpu.checkpointing, "auto checkpointing is on for GPUs");
+    assert!(!cpu.offload_checkpoints, "no host to offload to from the CPU");
+    let plain = planned(&project(""), true);
+    assert!(!plain.offload_checkpoints);
+    // One layer input on the device instead of every layer's.
+    assert!(gpu.memory.activations < plain.memory.activations);
+    assert!(
+        !planned(&project("offload_checkpoints = true\ncheckpointing = false"), true).offload_checkpoints
+    );
+    // Where it is, not what is trained: not in the fingerprint, so a resume may change it.
+    let Outcome::Finished(report) = run(&on, false).unwrap() else { panic!("not finished") };
+    assert!(report.fingerprint.keys().all(|k| !k.contains("offload")), "{:?}", report.fingerprint);
+    assert!(report.fingerprint.contains_key("train.lr"));
+}
+
 #[test]
 fn autocast_is_planned_by_device_and_dtype_and_resumes_to_the_same_bits() {
     let bf16 = |p: &Project| replace_in_recipe(p, "dtype = \"f32\"\n", "dtype = \"bf16\"\n");
-    let planned = |p: &Project, gpu: bool| {
-        let r = recipe(p);
-        let (tok, template, _) = retort_train::run::text_tools(&r, &p.base).unwrap();
-        let layout = retort_train::run::Layout::of(&r);
-        let data = retort_train::run::load_data(&r, &layout, &tok, &template).unwrap();
-        let config = retort_hf::ModelConfig::load(&p.base).unwrap();
-        retort_train::run::plan(&r, &data, &config, gpu, setup(p, false).precision)
-    };
     // `auto`: on for a GPU with a 16-bit base, off on the CPU, never with an f32 base.
     let auto = project("");
     assert!(!planned(&auto, true).autocast, "f32 base");

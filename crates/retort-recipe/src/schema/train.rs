@@ -168,6 +168,12 @@ pub struct Train {
     /// backward pass, as transformers does (several times less memory for a third more time). `auto` is on
     /// for GPUs and off on the CPU.
     pub checkpointing: Toggle,
+    /// With activation checkpointing on a GPU, keep each layer's saved input in host memory instead of
+    /// on the device, as Unsloth's offloaded gradient checkpointing does: device memory then no longer
+    /// grows with layers x tokens (20 GB of the 24 for 78k tokens of an 8B model), for a copy of each
+    /// layer's input to the host and back in every micro-batch. For long contexts. No effect on the
+    /// CPU or without checkpointing.
+    pub offload_checkpoints: bool,
     /// Run the adapters' matmuls in the base's 16-bit dtype, as `torch.autocast` does under HF
     /// Trainer's `bf16=True`: tensor-core kernels on GPUs, and the backward keeps the base's 16-bit
     /// activations instead of an f32 copy per adapter. Adapter weights, optimizer state and the loss stay
@@ -216,6 +222,7 @@ impl Default for Train {
             on_bad_row: OnBadRow::Fail,
             data_format: DatasetFormat::Auto,
             checkpointing: Toggle::Auto,
+            offload_checkpoints: false,
             autocast: Toggle::Auto,
             eval_every: None,
             save_every: None,
