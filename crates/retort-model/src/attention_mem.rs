@@ -56,17 +56,35 @@ pub fn block_rows(b: usize, heads: usize, s: usize, t: usize, chunk_bytes: usize
     (chunk_bytes / (b * heads * t * 4).max(1)).clamp(1, MAX_BLOCK_ROWS).min(s.max(1))
 }
 
-/// The blocks of `s` query rows over `t` keys for `b x heads` heads.
+/// The blocks of `s` query rows over `t` keys for `b x heads` heads. Each starts with the rows whose
+/// scores fit `chunk_bytes` over all `t` keys ([`block_rows`]) and doubles them while the scores over
+/// the keys the wider block can see still fit: under a causal mask the early blocks see few keys, and
+/// in rows packed with short examples every block does, so fewer, taller blocks run (fewer kernel
+/// launches on a GPU). Doubling keeps the block heights to a few distinct values, for kernel reuse.
 fn blocks(spans: &KeySpans, b: usize, heads: usize, s: usize, t: usize, chunk_bytes: usize) -> Vec<Block> {
     let rows = block_rows(b, heads, s, t, chunk_bytes);
-    (0..s)
-        .step_by(rows)
-        .map(|q0| {
-            let n = rows.min(s - q0);
-            let (k0, k1) = if spans.queries() == s { spans.block(q0, n, KEY_ALIGN) } else { (0, t) };
-            Block { q0, n, k0, k1 }
-        })
-        .collect()
+    let with_spans = spans.queries() == s;
+    let span = |q0: usize, n: usize| if with_spans { spans.block(q0, n, KEY_ALIGN) } else { (0, t) };
+    let mut out = Vec::new();
+    let mut q0 = 0;
+    while q0 < s {
+        let mut n = rows.min(s - q0);
+        let (mut k0, mut k1) = span(q0, n);
+        loop {
+            let m = (n * 2).min(MAX_BLOCK_ROWS).min(s - q0);
+            if !with_spans || m == n {
+                break;
+            }
+            let (a, z) = span(q0, m);
+            if b * heads * m * (z - a) * 4 > chunk_bytes {
+                break;
+            }
+            (n, k0, k1) = (m, a, z);
+        }
+        out.push(Block { q0, n, k0, k1 });
+        q0 += n;
+    }
+    out
 }
 
 /// Inputs in the grouped layout of [`crate::attention`]: q `[b, kvh, rep, s, d]`, k and v
@@ -324,9 +342,11 @@ mod tests {
             segments: (0..256).map(|i| u32::from(i >= 100)).collect(),
         };
         let mask = spec.build(None, &device);
-        // 64 rows a block: 1 x 1 head x 64 rows x 256 keys x 4 bytes.
+        // 64 rows a block over all keys: 1 x 1 head x 64 rows x 256 keys x 4 bytes. The first 128 rows see
+        // only 128 keys, so they take one block of the same bytes; the next 64 rows see the second
+        // example's keys, 64..192 aligned, and 128 rows from there would see 192 keys: too many.
         let got = blocks(&mask.spans, 1, 1, 256, 256, 64 * 256 * 4);
-        let want = [(0, 64, 0, 64), (64, 64, 0, 128), (128, 64, 64, 192), (192, 64, 64, 256)];
+        let want = [(0, 128, 0, 128), (128, 64, 64, 192), (192, 64, 64, 256)];
         let got: Vec<_> = got.iter().map(|b| (b.q0, b.n, b.k0, b.k1)).collect();
         assert_eq!(got, want);
         // A padding query (no key visible) widens its block to every key.
