@@ -138,7 +138,9 @@ fn inspect_model_reports_shape_and_memory() {
     assert!(
         out.contains("Qwen3ForCausalLM")
             && out.contains("parameters     131520")
-            && out.contains("QLoRA (NF4 base)"),
+            && out.contains("QLoRA (NF4 base)")
+            && out.contains("longest context that fits (estimate)")
+            && out.contains("24 GiB: over 4M tokens"),
         "{out}"
     );
 }

@@ -174,8 +174,11 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
         2.0 * per_layer
     };
     let saved_inputs = if s.offload { 1.0 } else { c.num_layers as f64 };
+    // Beside the recomputed layer: the gradients of its output and of its input (`tokens x h` each),
+    // which matter at long contexts (1.2 GB each for 145k tokens of width 4096 in bf16).
+    let residual_grads = 2.0 * tokens * h * b;
     let activations = if s.checkpointing {
-        saved_inputs * tokens * h * b + recomputed
+        saved_inputs * tokens * h * b + recomputed + residual_grads
     } else {
         (c.num_layers + 1) as f64 * per_layer
     };
@@ -195,6 +198,25 @@ pub fn estimate(c: &ModelConfig, s: TrainShape) -> MemoryEstimate {
     let logits = (tokens * c.vocab_size as f64 * 4.0).min(s.head_chunk_bytes as f64) * kept;
     let process = if s.cpu { CPU_PROCESS_BYTES } else { 0.0 };
     MemoryEstimate { weights, adapters, activations, logits, process }
+}
+
+/// The most [`longest_context`] reports: 4M tokens, less 64.
+pub const LONGEST_CONTEXT_CAP: usize = ((1 << 16) - 1) * 64;
+
+/// The longest row (`shape.seq`, a multiple of 64 tokens) whose estimated peak is at most `budget`
+/// bytes, up to [`LONGEST_CONTEXT_CAP`]; 0 when not even 64 tokens fit.
+pub fn longest_context(c: &ModelConfig, shape: TrainShape, budget: f64) -> usize {
+    let fits = |seq: usize| estimate(c, TrainShape { seq, ..shape }).total() <= budget;
+    if !fits(64) {
+        return 0;
+    }
+    // In units of 64 tokens: `lo` fits, `hi` does not (or is the limit).
+    let (mut lo, mut hi) = (1usize, 1usize << 16);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid * 64) { lo = mid } else { hi = mid }
+    }
+    lo * 64
 }
 
 #[cfg(test)]
@@ -275,6 +297,7 @@ mod tests {
         );
         // Offloaded checkpoints: one layer input on the device instead of 32.
         let offloaded = estimate(&c, TrainShape { offload: true, ..shape });
+        // (The recomputed layer's output and input gradients stay with offloading.)
         let inputs32 = 31.0 * 2048.0 * 4096.0 * 2.0;
         assert!((bf16.activations - offloaded.activations - inputs32).abs() < 1.0);
         // Unsloth's long-context claim: 8B QLoRA, 78k tokens on 24 GB. The MLP then runs in 9 chunks of
@@ -282,9 +305,18 @@ mod tests {
         // MLP; with the layer inputs offloaded it fits. Kept on the device they alone are 20 GB.
         let long = TrainShape { seq: 78_000, nf4: true, offload: true, ..shape };
         let e = estimate(&c, long);
-        assert!(e.total() / 1e9 > 17.0 && e.total() / 1e9 < 19.0, "{e:?}");
+        assert!(e.total() / 1e9 > 18.5 && e.total() / 1e9 < 20.0, "{e:?}");
         let kept = estimate(&c, TrainShape { offload: false, ..long });
         assert!(kept.total() > 24e9, "{kept:?}");
+        // The longest row that fits 24 GiB: past 78k with offloading, well short of it without.
+        let budget = 24.0 * (1u64 << 30) as f64;
+        let longest = longest_context(&c, long, budget);
+        assert!(longest > 78_000 && longest.is_multiple_of(64), "{longest}");
+        assert!(estimate(&c, TrainShape { seq: longest, ..long }).total() <= budget);
+        assert!(estimate(&c, TrainShape { seq: longest + 64, ..long }).total() > budget);
+        let on_device = longest_context(&c, TrainShape { offload: false, ..long }, budget);
+        assert!(on_device > 20_000 && on_device < 50_000, "{on_device}");
+        assert_eq!(longest_context(&c, long, 1e9), 0, "the NF4 weights alone are 5.7 GB");
         assert!((kept.activations - e.activations - 31.0 * 78_000.0 * 4096.0 * 2.0).abs() < 1.0);
         // Without the chunks the layer's whole graph, twice over: 33 GB.
         let per_layer = 78_000.0 * (6.0 * 4096.0 + 2.0 * 4096.0 + 2.0 * 1024.0 + 5.0 * 14336.0) * 2.0;

@@ -15,6 +15,25 @@ fn gib(bytes: f64) -> String {
     format!("{:.2} GiB", bytes / (1u64 << 30) as f64)
 }
 
+/// What a GPU run trains by default: 16-bit base with autocast, checkpointing on, blockwise attention.
+fn gpu_shape(rank: usize) -> TrainShape {
+    TrainShape {
+        batch: 1,
+        seq: 2048,
+        rank,
+        nf4: false,
+        checkpointing: true,
+        offload: false,
+        dtype_bytes: 2,
+        fused_attention: false,
+        head_chunk_bytes: retort_model::memory::GPU_HEAD_CHUNK_BYTES,
+        mlp_chunk_bytes: retort_model::model::MLP_CHUNK_BYTES,
+        cpu: false,
+        dropout: false,
+        autocast: true,
+    }
+}
+
 pub fn run(ui: &Ui, cmd: InspectCommand) -> anyhow::Result<Exit> {
     match cmd {
         InspectCommand::Gguf { file, full } => gguf(ui, &file, full),
@@ -31,27 +50,21 @@ pub fn run(ui: &Ui, cmd: InspectCommand) -> anyhow::Result<Exit> {
             let estimates: Vec<(&str, retort_model::memory::MemoryEstimate)> = shapes
                 .iter()
                 .map(|(name, nf4)| {
-                    (
-                        *name,
-                        estimate(
-                            &cfg,
-                            TrainShape {
-                                batch,
-                                seq: seq_len,
-                                rank,
-                                nf4: *nf4,
-                                checkpointing: true,
-                                offload: false,
-                                dtype_bytes: 2,
-                                fused_attention: false,
-                                head_chunk_bytes: retort_model::memory::GPU_HEAD_CHUNK_BYTES,
-                                mlp_chunk_bytes: retort_model::model::MLP_CHUNK_BYTES,
-                                cpu: false,
-                                dropout: false,
-                                autocast: true,
-                            },
-                        ),
-                    )
+                    (*name, estimate(&cfg, TrainShape { batch, seq: seq_len, nf4: *nf4, ..gpu_shape(rank) }))
+                })
+                .collect();
+            // The longest single row that fits common GPU memory sizes, with the
+            // checkpointed layer inputs in host memory (`train.offload_checkpoints`).
+            let budgets = [24u64, 48, 80];
+            let longest: Vec<(&str, Vec<usize>)> = shapes
+                .iter()
+                .map(|(name, nf4)| {
+                    let shape = TrainShape { batch: 1, offload: true, nf4: *nf4, ..gpu_shape(rank) };
+                    let per_budget = budgets
+                        .iter()
+                        .map(|g| retort_model::memory::longest_context(&cfg, shape, (*g << 30) as f64))
+                        .collect();
+                    (*name, per_budget)
                 })
                 .collect();
             if ui.json {
@@ -70,6 +83,10 @@ pub fn run(ui: &Ui, cmd: InspectCommand) -> anyhow::Result<Exit> {
                         "method": n, "seq_len": seq_len, "batch": batch, "rank": rank,
                         "weights": e.weights, "adapters": e.adapters, "activations": e.activations,
                         "logits": e.logits, "total": e.total(),
+                    })).collect::<Vec<_>>(),
+                    "longest_context": longest.iter().map(|(n, l)| serde_json::json!({
+                        "method": n, "batch": 1, "rank": rank, "offload_checkpoints": true,
+                        "tokens_by_gib": budgets.iter().zip(l).map(|(g, t)| (g.to_string(), serde_json::json!(*t))).collect::<serde_json::Map<_, _>>(),
                     })).collect::<Vec<_>>(),
                 });
                 ui.stdout_line(&v.to_string());
@@ -107,6 +124,22 @@ pub fn run(ui: &Ui, cmd: InspectCommand) -> anyhow::Result<Exit> {
                     gib(e.activations),
                     gib(e.logits)
                 ));
+            }
+            out.push_str(
+                "\nlongest context that fits (estimate), micro-batch 1, checkpointing with layer inputs in host memory:\n",
+            );
+            for (name, l) in &longest {
+                let cells: Vec<String> = budgets
+                    .iter()
+                    .zip(l)
+                    .map(|(g, t)| match *t {
+                        t if t >= retort_model::memory::LONGEST_CONTEXT_CAP => {
+                            format!("{g} GiB: over 4M tokens")
+                        }
+                        t => format!("{g} GiB: {t:>7} tokens"),
+                    })
+                    .collect();
+                out.push_str(&format!("  {name:<18} {}\n", cells.join("   ")));
             }
             ui.stdout_line(out.trim_end());
             Ok(Exit::Ok)
