@@ -18,6 +18,9 @@
 # BENCH_NF4=path/to/bench_nf4 and BENCH_ATTENTION=path/to/bench_attention; or
 # pack them with scripts/gpu_bundle.sh and pass BUNDLE=its output folder.
 # SKIP_TESTS=1 or SKIP_BENCH=1 leaves one part out; TEST_TIMEOUT=seconds bounds each prebuilt suite.
+# LONG=1 adds one 8B QLoRA step on one row of LONG_SEQ tokens (default 78475, Unsloth's 24 GB figure)
+# with the checkpointed layer inputs in host memory; its peak device memory is the number to compare
+# with 24 GB and with `retort inspect model` (LONG_SKIP_PEFT=0 runs PEFT on it too).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export RETORT_TEST_DEVICE=${RETORT_TEST_DEVICE:-wgpu}
@@ -60,5 +63,11 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
             "$RETORT_TEST_DEVICE:0" bf16 1024 4096 16384 || status=1
     fi
     scripts/bench_gpu.sh || status=1
+    if [ "${LONG:-0}" = 1 ]; then
+        # Unsloth's long-context figure: 8B QLoRA, one row of 78,475 tokens, offloaded checkpoints.
+        echo "== long context: 8b qlora, 1 x ${LONG_SEQ:-78475} tokens, layer inputs in host memory"
+        SHAPES=8b MODES=qlora ROWS=1 SEQ=${LONG_SEQ:-78475} OFFLOAD=1 SKIP_PEFT=${LONG_SKIP_PEFT:-1} \
+            scripts/bench_gpu.sh || status=1
+    fi
 fi
 exit $status
