@@ -116,15 +116,34 @@ fn adapters(m: &Transformer) -> Vec<f32> {
     out
 }
 
+/// Every gradient of `b` within `rel` of the largest magnitude of the same gradient in `a`.
+fn assert_close(a: &Grads, b: &Grads, rel: f32, what: &str) {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}");
+    for (name, x) in a {
+        let x = x.clone().into_data().try_to_vec::<f32>().unwrap();
+        let y = b[name].clone().into_data().try_to_vec::<f32>().unwrap();
+        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+        let worst = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(worst <= rel * scale, "{what}: {name} differs by {worst} (scale {scale})");
+    }
+}
+
+type Grads = std::collections::BTreeMap<String, retort_model::burn::tensor::Tensor<1>>;
+
 fn fresh(seed: u64) -> Transformer {
     fresh_on(seed, &Device::flex().autodiff())
 }
 
 fn fresh_on(seed: u64, device: &Device) -> Transformer {
+    with_dropout(seed, device, 0.0)
+}
+
+/// The fixture base with rank-4 LoRA on every linear layer, adapter dropout `dropout`.
+fn with_dropout(seed: u64, device: &Device, dropout: f64) -> Transformer {
     let spec = retort_lora::AdapterSpec {
         r: 4,
         alpha: 8.0,
-        dropout: 0.0,
+        dropout,
         targets: vec![Target::AllLinear],
         variant: Variant::Lora,
     };
@@ -243,18 +262,8 @@ fn the_lm_head_in_chunks_gives_the_gradients_of_one_pass() {
         let (l6, n6, g6) = retort_train::step::gradients_with_head_chunk(&m, &mb, 0, 3 * 256 * 4);
         assert_eq!((n1, n6), (18, 18));
         assert!((l1 - l6).abs() <= 1e-6 * l1, "checkpointing {layers}: loss {l1} vs {l6}");
-        assert_eq!(g1.keys().collect::<Vec<_>>(), g6.keys().collect::<Vec<_>>());
         assert!(!g1.is_empty());
-        for (name, a) in &g1 {
-            let a = a.clone().into_data().try_to_vec::<f32>().unwrap();
-            let b = g6[name].clone().into_data().try_to_vec::<f32>().unwrap();
-            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
-            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-            assert!(
-                worst <= 1e-5 * scale,
-                "checkpointing {layers}: {name} differs by {worst} (scale {scale})"
-            );
-        }
+        assert_close(&g1, &g6, 1e-5, &format!("checkpointing {layers}"));
     }
 }
 
@@ -296,18 +305,8 @@ fn the_mlp_in_chunks_and_offloaded_checkpoints_give_the_logits_and_gradients_of_
                 assert_eq!(a, g3[name].clone().into_data().try_to_vec::<f32>().unwrap(), "offloaded: {name}");
             }
         }
-        assert_eq!(g1.keys().collect::<Vec<_>>(), g2.keys().collect::<Vec<_>>());
         assert!(g1.keys().any(|k| k.contains("mlp.down_proj")));
-        for (name, a) in &g1 {
-            let a = a.clone().into_data().try_to_vec::<f32>().unwrap();
-            let b = g2[name].clone().into_data().try_to_vec::<f32>().unwrap();
-            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
-            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-            assert!(
-                worst <= 1e-5 * scale,
-                "checkpointing {layers}: {name} differs by {worst} (scale {scale})"
-            );
-        }
+        assert_close(&g1, &g2, 1e-5, &format!("checkpointing {layers}"));
     }
 }
 
@@ -319,15 +318,7 @@ fn checkpointed_gradients_with_dropout_and_mlp_chunks_are_the_loss_derivative() 
     // within 3e-5 here, 0.87 when the MLP chunks draw other masks (dropout 0.5 makes masks matter).
     let rows = rows();
     let mb = [micro(&rows)];
-    let spec = retort_lora::AdapterSpec {
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.5,
-        targets: vec![Target::AllLinear],
-        variant: Variant::Lora,
-    };
-    let device = Device::flex().autodiff();
-    let base = retort_lora::attach(load(&device), &spec, 11).unwrap();
+    let base = with_dropout(11, &Device::flex().autodiff(), 0.5);
     // B starts at zero, which would leave A's gradient zero: one step first.
     let (mut m, _) = train_step(base, &mut opt(), &mb, 1e-2, 1.0, 0);
     m.checkpoint_layers = true;
