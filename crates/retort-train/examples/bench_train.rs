@@ -68,7 +68,8 @@ static ALLOC: retort_model::alloc::TensorAlloc =
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     retort_model::alloc::tune_for_tensors();
-    ALLOC.set_caching(true);
+    // `RETORT_NO_ALLOC_CACHE=1`: no cache of freed large blocks (`retort_model::alloc`), to compare.
+    ALLOC.set_caching(std::env::var_os("RETORT_NO_ALLOC_CACHE").is_none());
     let args: Vec<String> = std::env::args().collect();
     let usage = "usage: bench_train MODEL_DIR BATCH_JSON WARMUP STEPS [--profile] [--checkpointing]";
     let [_, dir, batch, warmup, steps, rest @ ..] = args.as_slice() else { return Err(usage.into()) };
@@ -191,7 +192,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             rank: spec.r,
             nf4,
             checkpointing,
-            offload,
+            offload: offload && selected.gpu,
             dtype_bytes: precision.dtype().size(),
             fused_attention: !selected.gpu && precision == Precision::F32,
             head_chunk_bytes: retort_model::memory::head_chunk_bytes(&plain),
