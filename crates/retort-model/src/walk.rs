@@ -58,18 +58,8 @@ impl Transformer {
     }
 
     /// Rebuilds every adaptable projection through `f` (same order as [`Transformer::visit_linears`]).
-    pub fn map_linears(self, f: &mut dyn FnMut(&LinearSite, Linear) -> Linear) -> Transformer {
-        let Transformer {
-            embed,
-            layers,
-            norm,
-            lm_head,
-            config,
-            checkpoint_layers,
-            mlp_chunk_bytes,
-            offload_checkpoints,
-        } = self;
-        let layers = layers
+    pub fn map_linears(mut self, f: &mut dyn FnMut(&LinearSite, Linear) -> Linear) -> Transformer {
+        self.layers = std::mem::take(&mut self.layers)
             .into_iter()
             .enumerate()
             .map(|(i, mut l)| {
@@ -95,16 +85,7 @@ impl Transformer {
                 l
             })
             .collect();
-        Transformer {
-            embed,
-            layers,
-            norm,
-            lm_head,
-            config,
-            checkpoint_layers,
-            mlp_chunk_bytes,
-            offload_checkpoints,
-        }
+        self
     }
 }
 

@@ -163,11 +163,11 @@ fn collect(model: &Transformer, g: &Gradients, grads: &mut BTreeMap<String, Tens
 /// input; the loss head runs on the last layer's output and gives its gradient `g`; then, from the
 /// last layer down, the layer runs again from its saved input under autodiff and `sum(y * g)` is
 /// differentiated, which yields that layer's adapter gradients and the gradient of its input, the
-/// next `g`. Peak memory is every layer's input plus one layer's graph; where the layer's MLP runs in
-/// chunks of positions ([`Transformer::mlp_chunks`]: long sequences), its attention half's graph plus
-/// one chunk's MLP graph. Dropout masks are drawn from a
-/// seed per layer, so both passes of a layer draw the same ones. Returns the micro-batch's loss, or
-/// `None` when it has no label tokens.
+/// next `g`. Peak memory is every layer's input (on the device, or in host memory with
+/// `Transformer::offload_checkpoints`) plus one layer's graph; where the layer's MLP runs in chunks of
+/// positions ([`Transformer::mlp_chunks`]: long sequences), its attention half's graph plus one
+/// chunk's MLP graph. Dropout masks are drawn from a seed per layer, so both passes of a layer draw the
+/// same ones. Returns the micro-batch's loss, or `None` when it has no label tokens.
 fn layer_by_layer(
     model: &Transformer,
     mb: &MicroBatch,
