@@ -40,27 +40,29 @@ pub fn cpu_layout(w: Tensor<2>) -> Tensor<2> {
 }
 
 /// Multiply-adds below which one thread does the product (waking threads costs more); burn's threshold.
-const PARALLEL_MIN_MACS: usize = 192 * 192 * 192;
+pub(crate) const PARALLEL_MIN_MACS: usize = 192 * 192 * 192;
 
-/// A rank-2 f32 operand read in place: its storage, the offset of element `[0, 0]` and its strides.
+/// A rank-2 operand (f32 unless said) read in place: its storage, the offset of element `[0, 0]` and
+/// its strides.
 #[derive(Clone, Copy)]
-struct Operand<'a> {
-    data: &'a [f32],
-    start: usize,
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
+pub(crate) struct Operand<'a, E = f32> {
+    pub(crate) data: &'a [E],
+    pub(crate) start: usize,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) row_stride: usize,
+    pub(crate) col_stride: usize,
 }
 
-impl<'a> Operand<'a> {
-    /// `None` for negative strides (flipped views) and layouts that do not fit their storage.
-    fn of(t: &'a FlexTensor) -> Option<Operand<'a>> {
+impl<'a, E: burn::tensor::Element + bytemuck::Pod> Operand<'a, E> {
+    /// `None` for negative strides (flipped views) and layouts that do not fit their storage; the
+    /// tensor must hold `E`.
+    pub(crate) fn of(t: &'a FlexTensor) -> Option<Operand<'a, E>> {
         let layout = t.layout();
         let dims = layout.shape().dims::<2>();
         let strides = layout.strides();
         let (rs, cs) = (usize::try_from(strides[0]).ok()?, usize::try_from(strides[1]).ok()?);
-        let data = t.storage::<f32>();
+        let data = t.storage::<E>();
         let start = layout.start_offset();
         let last = start + (dims[0] - 1) * rs + (dims[1] - 1) * cs;
         if last >= data.len() {
@@ -70,12 +72,12 @@ impl<'a> Operand<'a> {
     }
 
     /// A row-major `[rows, cols]` slice.
-    fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Operand<'a> {
+    pub(crate) fn row_major(data: &'a [E], rows: usize, cols: usize) -> Operand<'a, E> {
         Operand { data, start: 0, rows, cols, row_stride: cols, col_stride: 1 }
     }
 
     /// The same values seen transposed.
-    fn transposed(&self) -> Operand<'a> {
+    pub(crate) fn transposed(&self) -> Operand<'a, E> {
         Operand {
             data: self.data,
             start: self.start,
@@ -102,22 +104,28 @@ impl Backward<Flex, 1> for ProjectBackward {
         let w = ops.state;
         // Layouts the product cannot read in place (flipped views) are copied row-major first.
         let (dy, w) = (readable(dy), readable(w));
-        let (Some(d), Some(wo)) = (Operand::of(&dy), Operand::of(&w)) else { return };
         // dy W = dy (W^T)^T.
-        let [m, k] = [d.rows, wo.cols];
-        let dx = FlexTensor::from_data(TensorData::new(product(&d, &wo.transposed()), [m, k]));
+        let Some(dx) = product_of(&dy, &w, true) else { return };
         grads.register::<Flex>(node.id, dx);
     }
 }
 
-/// `x W^T` for `x` `[m, k]` and `w` `[n, k]`, both f32 on the CPU backend; any non-negative strides.
-/// Under autodiff (training) it is recorded as one operation whose backward is `dx = dy W`, by gemm
-/// the same way; the weight must then need no gradient (base weights are frozen). `None` when the
-/// tensors do not qualify; the caller then uses a matmul.
+/// `x W^T` for `x` `[m, k]` and `w` `[n, k]`, both f32 or both bf16 on the CPU backend; any
+/// non-negative strides. bf16 products accumulate in f32 and round once ([`crate::gemm_bf16`]), as a
+/// bf16 matmul does. Under autodiff (training) it is recorded as one operation whose backward is
+/// `dx = dy W`, computed the same way; the weight must then need no gradient (base weights are
+/// frozen). `None` when the tensors do not qualify; the caller then uses a matmul.
 pub fn project(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
     let [m, k] = x.dims();
     let [n, wk] = w.dims();
-    if m == 0 || n == 0 || k == 0 || k != wk || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+    let dtype = x.dtype();
+    if m == 0
+        || n == 0
+        || k == 0
+        || k != wk
+        || w.dtype() != dtype
+        || !matches!(dtype, DType::F32 | DType::BF16)
+    {
         return None;
     }
     // Under autodiff the weight must be a constant: base weights are frozen.
@@ -125,10 +133,37 @@ pub fn project(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
         return None;
     }
     let wf = crate::recorded::untracked(w)?;
-    crate::recorded::unary(x, ProjectBackward, |xf| {
-        let y = product(&Operand::of(xf)?, &Operand::of(&wf)?);
-        Some((FlexTensor::from_data(TensorData::new(y, [m, n])), wf.clone()))
-    })
+    crate::recorded::unary(x, ProjectBackward, |xf| Some((product_of(xf, &wf, false)?, wf.clone())))
+}
+
+/// `x w^T` (`w^T^T = w` when `transpose_w`: `x w`) for two f32 or two bf16 CPU tensors, in their dtype.
+/// `None` for other dtypes, mismatched shapes and layouts the products cannot read.
+fn product_of(x: &FlexTensor, w: &FlexTensor, transpose_w: bool) -> Option<FlexTensor> {
+    fn view<'a, E: burn::tensor::Element + bytemuck::Pod>(
+        t: &'a FlexTensor,
+        transpose: bool,
+    ) -> Option<Operand<'a, E>> {
+        let o = Operand::of(t)?;
+        Some(if transpose { o.transposed() } else { o })
+    }
+    let data = match (x.dtype(), w.dtype()) {
+        (DType::F32, DType::F32) => {
+            let (xo, wo) = (view::<f32>(x, false)?, view::<f32>(w, transpose_w)?);
+            if xo.cols != wo.cols {
+                return None;
+            }
+            TensorData::new(product(&xo, &wo), [xo.rows, wo.rows])
+        }
+        (DType::BF16, DType::BF16) => {
+            let (xo, wo) = (view::<half::bf16>(x, false)?, view::<half::bf16>(w, transpose_w)?);
+            if xo.cols != wo.cols {
+                return None;
+            }
+            TensorData::new(crate::gemm_bf16::product_bf16(&xo, &wo), [xo.rows, wo.rows])
+        }
+        _ => return None,
+    };
+    Some(FlexTensor::from_data(data))
 }
 
 /// LoRA dropout drawn inside [`project_lora`]: element `e` of its `[m, k]` input (row-major) is kept,
@@ -341,10 +376,12 @@ fn add_masked(acc: &mut [f32], t: &[f32], mask: &Bits) {
 
 /// A layout the products cannot read in place (a flipped view) copied row-major.
 fn readable(t: FlexTensor) -> FlexTensor {
-    match Operand::of(&t) {
-        Some(_) => t,
-        None => FlexTensor::from_data(Tensor::<2>::from_primitive::<Flex>(t).into_data()),
-    }
+    let fits = match t.dtype() {
+        DType::BF16 => Operand::<half::bf16>::of(&t).is_some(),
+        DType::F32 => Operand::<f32>::of(&t).is_some(),
+        _ => true,
+    };
+    if fits { t } else { FlexTensor::from_data(Tensor::<2>::from_primitive::<Flex>(t).into_data()) }
 }
 
 /// A projection with a plain LoRA adapter as one operation: `x W^T + s ((x * mask) A^T) B^T` for `x`
@@ -423,7 +460,7 @@ pub fn project_lora(
 }
 
 /// `x w^T`, row-major `[x.rows, w.rows]`.
-fn product(x: &Operand<'_>, w: &Operand<'_>) -> Vec<f32> {
+pub(crate) fn product(x: &Operand<'_>, w: &Operand<'_>) -> Vec<f32> {
     let mut out: Vec<f32> = Vec::with_capacity(x.rows * w.rows);
     gemm_into(x, w, &mut out, false);
     out
@@ -537,6 +574,44 @@ mod tests {
         }
         // A weight that needs a gradient is left to burn.
         assert!(project(&x0.clone().require_grad(), &w.clone().require_grad()).is_none());
+    }
+
+    /// A bf16 base: output and input gradient against burn's bf16 matmul and its backward (f32 gemm,
+    /// rounded once), for both a row-major weight and a transposed view, and a strided input. Both
+    /// round f32 sums of the same exact products to bf16, so they differ only where the two summation
+    /// orders straddle a rounding boundary: by one bf16 step (at most 2^-7 of the value), and rarely.
+    #[test]
+    fn bf16_records_its_backward_like_burns_bf16_matmul() {
+        let device = Device::flex().autodiff();
+        let (m, k, n) = (150, 203, 97);
+        let bf = |t: Tensor<2>| t.cast(DType::BF16);
+        let x0 = bf(Tensor::<2>::random([m, k + 3], Distribution::Normal(0.0, 1.0), &device)).narrow(1, 1, k);
+        let w = bf(Tensor::<2>::random([n, k], Distribution::Normal(0.0, 1.0), &device));
+        let wt =
+            Tensor::<2>::from_data(w.clone().transpose().into_data(), (&device, DType::BF16)).transpose();
+        assert_eq!(wt.dtype(), DType::BF16);
+        let g = bf(Tensor::<2>::random([m, n], Distribution::Normal(0.0, 1.0), &device));
+        let run = |w: &Tensor<2>, ours: bool| {
+            let x = x0.clone().require_grad();
+            let y = if ours { project(&x, w).unwrap() } else { x.clone().matmul(w.clone().transpose()) };
+            assert_eq!(y.dtype(), DType::BF16);
+            let grads = (y.clone() * g.clone()).sum().backward();
+            let dx = x.grad(&grads).unwrap();
+            assert_eq!(dx.dtype(), DType::BF16);
+            (values(y.inner()), values(dx))
+        };
+        let reference = run(&w, false);
+        for (layout, w) in [("[out, in]", &w), ("view of [in, out]", &wt)] {
+            let ours = run(w, true);
+            for (what, a, e) in [("y", &ours.0, &reference.0), ("dx", &ours.1, &reference.1)] {
+                let mut off = 0;
+                for (i, (a, e)) in a.iter().zip(e.iter()).enumerate() {
+                    assert!((a - e).abs() <= e.abs() / 128.0 + 1e-6, "{layout} {what}[{i}]: {a} vs {e}");
+                    off += usize::from(a != e);
+                }
+                assert!(off * 50 <= a.len(), "{layout} {what}: {off} of {} elements differ", a.len());
+            }
+        }
     }
 
     /// The projection with its adapter as one operation against the same sum of burn's matmuls: output
@@ -670,6 +745,8 @@ mod tests {
         let w = Tensor::<2>::ones([2, 3], &device);
         assert!(project(&x, &w).is_some());
         assert!(project(&x.clone().cast(DType::F16), &w).is_none());
+        assert!(project(&x.clone().cast(DType::BF16), &w).is_none(), "mixed dtypes");
+        assert!(project(&x.clone().cast(DType::BF16), &w.clone().cast(DType::BF16)).is_some());
         assert!(project(&x, &Tensor::<2>::ones([2, 4], &device)).is_none());
         assert!(project(&x.clone().flip([1]), &w).is_none());
         let ad = Device::flex().autodiff();

@@ -21,6 +21,7 @@ pub mod dense;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod gemm_bf16;
 pub mod gemv;
 pub mod generate;
 mod host;
