@@ -242,6 +242,22 @@ mod tests {
 
     use super::*;
 
+    /// A causal `[b, 1, 1, s, s]` mask with row 1's first `padded` positions padded out (as `mask`
+    /// builds it: a large negative).
+    fn causal_mask(b: usize, s: usize, padded: usize, device: &burn::tensor::Device) -> Tensor<5> {
+        let mut m = vec![0f32; b * s * s];
+        for r in 0..b {
+            for i in 0..s {
+                for j in 0..s {
+                    if j > i || (r == 1 && j < padded) {
+                        m[(r * s + i) * s + j] = f32::MIN;
+                    }
+                }
+            }
+        }
+        Tensor::<1>::from_floats(m.as_slice(), device).reshape([b, 1, 1, s, s])
+    }
+
     /// Query blocks give what one pass gives, forward and backward, with GQA, soft-capping, a padded
     /// row and a block size that does not divide the sequence.
     #[test]
@@ -252,18 +268,7 @@ mod tests {
             Tensor::<4>::random(dims, Distribution::Normal(0.0, 1.0), &device).require_grad()
         };
         let (q, k, v) = (rand([b, h, s, d]), rand([b, kvh, s, d]), rand([b, kvh, s, d]));
-        // Causal, with row 1's first two positions padded out (as `mask` builds it: a large negative).
-        let mut m = vec![0f32; b * s * s];
-        for r in 0..b {
-            for i in 0..s {
-                for j in 0..s {
-                    if j > i || (r == 1 && j < 2) {
-                        m[(r * s + i) * s + j] = f32::MIN;
-                    }
-                }
-            }
-        }
-        let mask = Tensor::<1>::from_floats(m.as_slice(), &device).reshape([b, 1, 1, s, s]);
+        let mask = causal_mask(b, s, 2, &device);
         let run = |chunk: usize| {
             let out = decomposed(q.clone(), k.clone(), v.clone(), &mask, 0.3, Some(5.0), chunk);
             // A fixed ramp weights the outputs, so every element has its own gradient.
@@ -303,17 +308,7 @@ mod tests {
             Tensor::<4>::random(dims, Distribution::Normal(0.0, 1.0), &device).cast(DType::BF16)
         };
         let (q0, k0, v0) = (rand([b, h, s, d]), rand([b, kvh, s, d]), rand([b, kvh, s, d]));
-        let mut m = vec![0f32; b * s * s];
-        for r in 0..b {
-            for i in 0..s {
-                for j in 0..s {
-                    if j > i || (r == 1 && j < 3) {
-                        m[(r * s + i) * s + j] = f32::MIN;
-                    }
-                }
-            }
-        }
-        let mask = Tensor::<1>::from_floats(m.as_slice(), &device).reshape([b, 1, 1, s, s]);
+        let mask = causal_mask(b, s, 3, &device);
         let ramp = Tensor::<1>::from_floats(
             (0..b * h * s * d).map(|i| ((i % 11) as f32) / 11.0).collect::<Vec<_>>().as_slice(),
             &device,
